@@ -1,0 +1,44 @@
+"""onnxruntime sessions on the CPU for verification, calibration and evaluation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxsmith.models.base import Feed, Outputs
+from onnxsmith.optimizer.model_io import needs_external_data, saved_to_temporary_file
+
+
+def create_session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """A CPU session for a model object or file.
+
+    ``optimize=False`` disables onnxruntime's own graph rewrites, so the session computes exactly what the
+    graph says (used to verify rewrites). Large model objects go through a temporary file with external data.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        if needs_external_data(model):
+            with saved_to_temporary_file(model) as path:
+                return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    return ort.InferenceSession(str(model), options, providers=providers)
+
+
+def run_session(session: ort.InferenceSession, feed: Feed, output_names: Sequence[str] | None = None) -> Outputs:
+    """Run one feed and return the outputs by name."""
+    names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
+    values = session.run(names, feed)
+    return {name: np.asarray(value) for name, value in zip(names, values)}

@@ -1,0 +1,167 @@
+"""The ``optimize`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxsmith import __version__
+from onnxsmith.errors import PassError, UserError
+from onnxsmith.models.zoo import DEFAULT_ZOO_MODEL, get_zoo_model, zoo_names
+from onnxsmith.optimizer.manager import PassRecord
+from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file, plan
+from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, builtin_recipes
+
+EXAMPLES = f"""\
+examples:
+  optimize zoo:{DEFAULT_ZOO_MODEL}                      export a zoo model, clean it up, evaluate it
+  optimize model.onnx                            write model.opt.onnx with the '{DEFAULT_RECIPE}' recipe
+  optimize model.onnx -o out.onnx --report rep/  also write rep/report.json and rep/report.md
+  optimize model.onnx --calib data.npz           verify on your own inputs (one array per input)
+  optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
+  optimize --list-recipes | --list-zoo
+
+exit codes: 0 success, 1 a pass failed or broke the model, 2 bad input (one-line message; --debug for a trace)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimize",
+        description="Rewrite an ONNX model with verified passes (onnxsmith).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", help="an .onnx file, or zoo:NAME for a built-in model")
+    parser.add_argument("-o", "--output", help="output file (default: IN.opt.onnx; ./NAME.opt.onnx for zoo)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or a .toml recipe file")
+    parser.add_argument("--calib", metavar="PATH", help=".npz of input arrays (first axis = samples)")
+    parser.add_argument("--report", metavar="DIR", help="write report.json and report.md into DIR")
+    parser.add_argument("--dry-run", action="store_true", help="list the planned passes and exit")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check of lossless passes")
+    parser.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare FP32 and optimized models (default: on for zoo models)",
+    )
+    parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
+    parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"onnxsmith {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``optimize``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+    )
+    try:
+        return _run(args, parser)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"optimize: error: {exc}", file=sys.stderr)
+        return 2
+    except PassError as exc:
+        if args.debug:
+            raise
+        print(f"optimize: pass failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("optimize: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.list_recipes:
+        for name, recipe in builtin_recipes().items():
+            print(f"{name:16} {recipe.description}")
+        return 0
+    if args.list_zoo:
+        for name in zoo_names():
+            print(_zoo_line(name))
+        return 0
+    if args.model is None:
+        parser.print_usage(sys.stderr)
+        raise UserError("give a model (.onnx file or zoo:NAME), or --list-recipes / --list-zoo")
+    if args.dry_run:
+        for index, p in enumerate(plan(args.model, args.recipe), 1):
+            kind = "lossless" if p.lossless else "lossy"
+            print(f"{index:2}. {p.name:28} {kind:9} {p.description}")
+        return 0
+    say = _printer(args.quiet)
+    result = optimize_file(
+        args.model,
+        args.output,
+        recipe=args.recipe,
+        calib=args.calib,
+        verify=not args.no_verify,
+        evaluate_model=args.evaluate,
+        on_record=lambda record: say(_record_line(record)),
+        progress=not args.quiet,
+    )
+    if args.report:
+        from onnxsmith.optimizer.report import write_report
+
+        json_path, _ = write_report(result, args.report)
+        say(f"report: {json_path.parent}/report.{{json,md}}")
+    _summary(result, say)
+    return 0
+
+
+def _zoo_line(name: str) -> str:
+    try:
+        model = get_zoo_model(name)
+    except UserError as exc:
+        return f"{name:12} (unavailable: {exc})"
+    extra = f"  [needs onnxsmith[{model.extra}]]" if model.extra else ""
+    return f"{name:12} {model.description}; metric: {model.metric}{extra}"
+
+
+def _printer(quiet: bool):
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
+
+    return say
+
+
+def _record_line(record: PassRecord) -> str:
+    changes = ", ".join(f"{k}={v}" for k, v in record.changes.items())
+    verified = ""
+    if record.verification:
+        verified = f"  verified max|Δ|={record.verification['max_abs_error']:.2g}"
+    state = "changed" if record.modified else "no change"
+    return f"  {record.name:28} {record.seconds:7.2f} s  {state:9} {changes}{verified}"
+
+
+def _summary(result: OptimizeResult, say) -> None:
+    say(f"wrote {result.output_path} in {result.seconds:.1f} s")
+    if result.unverified_reason:
+        say(f"note: lossless passes were not verified ({result.unverified_reason})")
+    evaluation = result.evaluation
+    if evaluation is None:
+        return
+    say(f"evaluation on {evaluation.feeds} feeds:")
+    for key, value in evaluation.metrics.items():
+        say(f"  {key:24} {value:.4f}")
+    for name, value in evaluation.output_sqnr_db.items():
+        say(f"  SQNR {name:19} {value:.1f} dB")
+    say(f"  latency (ms)             FP32 {evaluation.latency_ms['reference']:.2f}  "
+        f"optimized {evaluation.latency_ms['candidate']:.2f}")
+    say(f"  size (MB)                FP32 {evaluation.size_bytes['reference'] / 1e6:.2f}  "
+        f"optimized {evaluation.size_bytes['candidate'] / 1e6:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What a graph rewrite is: a named pass that declares whether it is lossless and what it requires.
+
+A pass receives a model it may edit in place and returns a :class:`PassResult`. The pass manager, not the pass,
+runs ``onnx.checker`` and, for lossless passes, compares onnxruntime outputs before and after the pass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a lossless pass may move an output: ``max|after - before| <= atol + rtol * max|before|``."""
+
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+    def allows(self, max_abs_error: float, reference_scale: float) -> bool:
+        """Whether an output whose largest magnitude is ``reference_scale`` may move by ``max_abs_error``."""
+        return max_abs_error <= self.atol + self.rtol * reference_scale
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the model: calibration results (from ``calibration/``) and options."""
+
+    calibration: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    """The model after the pass, whether it changed, and counts of what changed (e.g. ``{"folded": 3}``)."""
+
+    model: onnx.ModelProto
+    modified: bool
+    changes: dict[str, int | float | str] = field(default_factory=dict)
+
+
+class PreconditionError(Exception):
+    """The model does not meet a pass's declared requirement."""
+
+
+class Pass(ABC):
+    """One graph rewrite.
+
+    Class attributes declare the contract: ``name`` (kebab-case, as used in recipes), ``description`` (one
+    line), ``lossless`` (outputs must stay within ``tolerance``, checked by the manager), ``min_opset`` (the
+    manager upgrades the model first when it is older) and ``needs_calibration`` (the context must carry
+    calibration results).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    lossless: ClassVar[bool]
+    tolerance: ClassVar[Tolerance] = Tolerance()
+    min_opset: ClassVar[int | None] = None
+    needs_calibration: ClassVar[bool] = False
+
+    def requires(self, model: onnx.ModelProto, context: PassContext) -> None:
+        """Raise :class:`PreconditionError` if the model or context cannot be rewritten by this pass."""
+        if self.needs_calibration and context.calibration is None:
+            raise PreconditionError(f"pass {self.name!r} needs calibration results (give --calib)")
+        if self.min_opset is not None and default_opset(model) < self.min_opset:
+            raise PreconditionError(
+                f"pass {self.name!r} needs opset >= {self.min_opset}, the model has {default_opset(model)}"
+            )
+
+    @abstractmethod
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        """Rewrite ``model`` (in place or as a new object) and say what changed."""
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset version for the default ONNX domain."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1

@@ -1,0 +1,131 @@
+"""The main job: load a model (file or zoo), run a recipe through the pass manager, save, evaluate."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxsmith.calibration.readers import read_npz_feeds
+from onnxsmith.errors import UserError
+from onnxsmith.models.base import ZooModel
+from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
+from onnxsmith.optimizer.evaluation import Evaluation, evaluate
+from onnxsmith.optimizer.manager import PassManager, PassRecord, plan_passes
+from onnxsmith.optimizer.model_io import load_model, save_model
+from onnxsmith.optimizer.pass_base import Pass, PassContext
+from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from onnxsmith.optimizer.verification import generated_probe_feeds
+
+ZOO_PREFIX = "zoo:"
+PROBE_FEEDS = 2
+"""How many calibration feeds double as verification probes."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the input model comes from: a file, or a zoo model exported into the cache."""
+
+    spec: str
+    zoo: ZooModel | None
+
+    @property
+    def label(self) -> str:
+        return self.spec
+
+    def path(self) -> Path:
+        """The ONNX file to read (exports zoo models into the cache on first use)."""
+        if self.zoo is not None:
+            return zoo_model_path(self.zoo.name)
+        return Path(self.spec)
+
+
+@dataclass
+class OptimizeResult:
+    """What one optimization run produced."""
+
+    source: str
+    input_path: Path
+    output_path: Path
+    recipe: Recipe
+    records: list[PassRecord]
+    unverified_reason: str | None
+    evaluation: Evaluation | None
+    seconds: float
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """A ``zoo:NAME`` spec or a model file path."""
+    if spec.startswith(ZOO_PREFIX):
+        return ModelSource(spec, get_zoo_model(spec.removeprefix(ZOO_PREFIX)))
+    return ModelSource(spec, None)
+
+
+def default_output_path(source: ModelSource) -> Path:
+    """``IN.opt.onnx`` beside a file input; ``./NAME.opt.onnx`` for a zoo model."""
+    if source.zoo is not None:
+        return Path.cwd() / f"{source.zoo.name}.opt.onnx"
+    path = Path(source.spec)
+    stem = path.name.removesuffix(".onnx")
+    return path.with_name(f"{stem}.opt.onnx")
+
+
+def plan(spec: str, recipe: str = DEFAULT_RECIPE) -> list[Pass]:
+    """The passes a run would execute on this model, opset upgrades included (nothing is written)."""
+    model = load_model(resolve_source(spec).path())
+    return plan_passes(model, load_recipe(recipe).build())
+
+
+def optimize_file(
+    spec: str,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    recipe: str = DEFAULT_RECIPE,
+    calib: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    evaluate_model: bool | None = None,
+    on_record: Callable[[PassRecord], None] | None = None,
+    progress: bool = True,
+) -> OptimizeResult:
+    """Optimize the model named by ``spec`` with ``recipe`` and write it atomically to ``output``.
+
+    The input file is never written. Verification probes come from ``calib`` (an .npz) or the zoo's calibration
+    set, else are generated. ``evaluate_model`` defaults to on for zoo models (their evaluation set and metric)
+    and off for files; for files it evaluates on the probe feeds.
+    """
+    start = time.perf_counter()
+    source = resolve_source(spec)
+    recipe_obj = load_recipe(recipe)
+    input_path = source.path()
+    output_path = Path(output) if output is not None else default_output_path(source)
+    _refuse_overwriting_input(input_path, output_path)
+    model = load_model(input_path)
+    probes = None
+    if calib is not None:
+        probes = read_npz_feeds(calib, model)[:PROBE_FEEDS]
+    elif source.zoo is not None:
+        probes = source.zoo.calibration_feeds(PROBE_FEEDS)
+    wants_evaluation = evaluate_model if evaluate_model is not None else source.zoo is not None
+    file_eval_feeds = None
+    if wants_evaluation and source.zoo is None:
+        file_eval_feeds = probes if probes is not None else generated_probe_feeds(model)
+    manager = PassManager(recipe_obj.build(), probe_feeds=probes, verify=verify, on_record=on_record)
+    result = manager.run(model, PassContext())
+    save_model(result.model, output_path)
+    evaluation = None
+    if source.zoo is not None and wants_evaluation:
+        evaluation = evaluate(input_path, output_path, source.zoo.evaluation_feeds(), source.zoo, progress=progress)
+    elif file_eval_feeds is not None:
+        evaluation = evaluate(input_path, output_path, file_eval_feeds, progress=progress)
+    return OptimizeResult(spec, input_path, output_path, recipe_obj, result.records, result.unverified_reason,
+                          evaluation, time.perf_counter() - start)
+
+
+def _refuse_overwriting_input(input_path: Path, output_path: Path) -> None:
+    same = output_path.resolve() == input_path.resolve()
+    if not same and output_path.exists():
+        same = os.path.samefile(output_path, input_path)
+    if same:
+        raise UserError(f"refusing to overwrite the input model {input_path}; choose another output with -o")

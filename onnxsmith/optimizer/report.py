@@ -1,0 +1,91 @@
+"""Run reports: ``report.json`` (machine-readable) and ``report.md`` (the same, for people)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from onnxsmith.errors import UserError
+from onnxsmith.optimizer.pipeline import OptimizeResult
+
+
+def report_data(result: OptimizeResult) -> dict[str, Any]:
+    """The report as plain JSON-ready data (infinite SQNR written as the string 'inf')."""
+    return _finite({
+        "source": result.source,
+        "input": str(result.input_path),
+        "output": str(result.output_path),
+        "recipe": {"name": result.recipe.name, "source": result.recipe.source},
+        "seconds": result.seconds,
+        "verification": result.unverified_reason or "every lossless pass verified against onnxruntime",
+        "passes": [asdict(r) for r in result.records],
+        "evaluation": result.evaluation.as_dict() if result.evaluation else None,
+    })
+
+
+def write_report(result: OptimizeResult, folder: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``folder`` (created if its parent exists)."""
+    folder = Path(folder)
+    if not folder.parent.exists():
+        raise UserError(f"report folder's parent does not exist: {folder.parent}")
+    folder.mkdir(exist_ok=True)
+    data = report_data(result)
+    json_path = folder / "report.json"
+    md_path = folder / "report.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(markdown(data))
+    return json_path, md_path
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report as Markdown: pass table, then the evaluation."""
+    lines = [
+        f"# onnxsmith report: {data['source']}",
+        "",
+        f"- recipe: `{data['recipe']['name']}` ({data['recipe']['source']})",
+        f"- output: `{data['output']}`",
+        f"- verification: {data['verification']}",
+        f"- total time: {data['seconds']:.2f} s",
+        "",
+        "| pass | lossless | time (s) | changed | nodes | changes | max abs error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in data["passes"]:
+        verification = record["verification"]
+        error = f"{verification['max_abs_error']:.3g}" if verification else "-"
+        changes = ", ".join(f"{k}={v}" for k, v in record["changes"].items()) or "-"
+        lines.append(
+            f"| {record['name']} | {'yes' if record['lossless'] else 'no'} | {record['seconds']:.3f} | "
+            f"{'yes' if record['modified'] else 'no'} | {record['nodes_before']} → {record['nodes_after']} | "
+            f"{changes} | {error} |"
+        )
+    evaluation = data.get("evaluation")
+    if evaluation:
+        lines += ["", f"## Evaluation ({evaluation['feeds']} feeds)", "", "| figure | value |", "|---|---|"]
+        for key, value in evaluation["metrics"].items():
+            lines.append(f"| {key} | {_fmt(value)} |")
+        for name, value in evaluation["output_sqnr_db"].items():
+            lines.append(f"| SQNR of `{name}` (dB) | {_fmt(value)} |")
+        for which, value in evaluation["latency_ms"].items():
+            lines.append(f"| latency, {which} (ms) | {value:.2f} |")
+        for which, value in evaluation["size_bytes"].items():
+            lines.append(f"| size, {which} (MB) | {value / 1e6:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

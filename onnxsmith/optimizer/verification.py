@@ -1,0 +1,123 @@
+"""Numerical verification of rewrites: probe inputs, reference outputs, and the before/after comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.models.base import Feed, Outputs
+from onnxsmith.optimizer.pass_base import Tolerance
+
+SYMBOLIC_DIM_DEFAULT = 2
+"""Size given to symbolic or unknown input dimensions in generated probe inputs."""
+
+
+def generated_probe_feeds(model: onnx.ModelProto, count: int = 2, seed: int = 0) -> list[Feed]:
+    """Random feeds within each graph input's declared type and shape.
+
+    Floats are standard normal, integers are 0 or 1 (valid token ids and masks), inputs whose name contains
+    'mask' are all ones, booleans are random. Symbolic dimensions get ``SYMBOLIC_DIM_DEFAULT``.
+    """
+    initializer_names = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for graph_input in model.graph.input:
+            if graph_input.name in initializer_names:
+                continue
+            tensor_type = graph_input.type.tensor_type
+            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            shape = [
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else SYMBOLIC_DIM_DEFAULT
+                for d in tensor_type.shape.dim
+            ]
+            feed[graph_input.name] = _random_array(graph_input.name, dtype, shape, rng)
+        feeds.append(feed)
+    return feeds
+
+
+def _random_array(name: str, dtype: np.dtype, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    if "mask" in name.lower():
+        return np.ones(shape, dtype=dtype)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    raise ValueError(f"cannot generate probe values for input {name!r} of type {dtype}")
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Outputs]:
+    """Outputs of ``model`` on ``feeds`` with onnxruntime's own graph rewrites disabled."""
+    session = create_session(model, optimize=False)
+    return [run_session(session, feed) for feed in feeds]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The worst output deviation between two runs of the same feeds."""
+
+    max_abs_error: float
+    max_rel_error: float
+    worst_output: str
+    within_tolerance: bool
+
+    def as_dict(self) -> dict[str, float | str | bool]:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "worst_output": self.worst_output,
+            "within_tolerance": self.within_tolerance,
+        }
+
+
+def compare_outputs(before: Sequence[Outputs], after: Sequence[Outputs], tolerance: Tolerance) -> Comparison:
+    """Compare output sets feed by feed and name by name.
+
+    Float outputs must satisfy ``tolerance`` (NaNs must stay where they were); integer and boolean outputs must be
+    equal. Missing outputs, changed shapes or changed dtypes fail with an infinite error.
+    """
+    worst = Comparison(0.0, 0.0, "", True)
+    for ref_outputs, new_outputs in zip(before, after, strict=True):
+        for name, ref in ref_outputs.items():
+            new = new_outputs.get(name)
+            if new is None or new.shape != ref.shape or new.dtype != ref.dtype:
+                return Comparison(float("inf"), float("inf"), name, False)
+            abs_error, scale = _deviation(ref, new)
+            rel_error = abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else float("inf"))
+            if np.issubdtype(ref.dtype, np.floating):
+                ok = tolerance.allows(abs_error, scale)
+            else:
+                ok = abs_error == 0
+            if not ok:
+                return Comparison(abs_error, rel_error, name, False)
+            if abs_error >= worst.max_abs_error:
+                worst = Comparison(abs_error, rel_error, name, True)
+    return worst
+
+
+def _deviation(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+    if ref.size == 0:
+        return 0.0, 0.0
+    if not np.issubdtype(ref.dtype, np.number) and ref.dtype != np.bool_:
+        return (0.0 if np.array_equal(ref, new) else float("inf")), 1.0
+    ref64 = ref.astype(np.float64)
+    new64 = new.astype(np.float64)
+    ref_nan, new_nan = np.isnan(ref64), np.isnan(new64)
+    if not np.array_equal(ref_nan, new_nan):
+        return float("inf"), 1.0
+    finite = ~ref_nan
+    if not finite.any():
+        return 0.0, 0.0
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(ref64[finite] - new64[finite])
+    diff = np.where(np.isnan(diff), 0.0, diff)  # equal infinities
+    scale = np.abs(ref64[finite])
+    return float(diff.max()), float(scale[np.isfinite(scale)].max(initial=0.0))

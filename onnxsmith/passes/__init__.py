@@ -1,0 +1,21 @@
+"""Graph rewrites, one module per pass, and the name -> class table recipes refer to."""
+
+from onnxsmith.optimizer.pass_base import Pass
+from onnxsmith.passes.constant_folding import ConstantFolding
+from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
+from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
+from onnxsmith.passes.remove_dead_nodes import RemoveDeadNodes
+from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.passes.upgrade_opset import UpgradeOpset
+
+PASSES: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in (
+        ShapeInference,
+        ConstantsToInitializers,
+        ConstantFolding,
+        FoldBatchNorm,
+        RemoveDeadNodes,
+        UpgradeOpset,
+    )
+}

@@ -1,0 +1,37 @@
+"""Lossless: evaluate subgraphs whose inputs are all constant (onnx-graphsurgeon's ``fold_constants``)."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.passes.graph_utils import export_graph, import_graph
+
+DEFAULT_SIZE_THRESHOLD = 16 * 2**20
+"""Folded tensors larger than this (bytes) are left unfolded, so folding never bloats the model."""
+
+
+class ConstantFolding(Pass):
+    """Fold constant subexpressions, including shape arithmetic that shape inference resolved.
+
+    Results larger than ``size_threshold`` bytes are not folded (e.g. the transpose of a tied embedding matrix,
+    which would duplicate it).
+    """
+
+    name = "constant-folding"
+    description = "fold constant subexpressions and resolved shape arithmetic (onnx-graphsurgeon)"
+    lossless = True
+    tolerance = Tolerance(atol=1e-5, rtol=1e-4)
+
+    def __init__(self, size_threshold: int = DEFAULT_SIZE_THRESHOLD) -> None:
+        self.size_threshold = size_threshold
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        graph = import_graph(model)
+        before = len(graph.nodes)
+        graph.fold_constants(fold_shapes=True, size_threshold=self.size_threshold, error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        removed = before - len(graph.nodes)
+        if removed == 0:
+            return PassResult(model, False, {"nodes_folded": 0})
+        return PassResult(export_graph(graph, model), True, {"nodes_folded": removed})

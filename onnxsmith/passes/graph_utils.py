@@ -1,0 +1,39 @@
+"""Shared helpers for passes: moving between ``onnx.ModelProto`` and onnx-graphsurgeon graphs."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model's main graph as an onnx-graphsurgeon graph."""
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` as a model that keeps ``like``'s model-level fields (IR version, metadata, producer).
+
+    The IR version is raised when the graph's opsets need a newer one.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    needed_ir = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(like.ir_version, needed_ir)
+    model.producer_name = like.producer_name
+    model.producer_version = like.producer_version
+    model.domain = like.domain
+    model.model_version = like.model_version
+    model.doc_string = like.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def node_count(graph: gs.Graph) -> int:
+    """Nodes in the main graph (subgraphs not counted)."""
+    return len(graph.nodes)
+
+
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The main graph followed by every nested subgraph (If/Loop/Scan bodies, recursively)."""
+    return [graph, *graph.subgraphs(recursive=True)]

@@ -1,0 +1,107 @@
+"""Small hand-made ONNX graphs for tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 8) if opset <= 17 else model.ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_bn_relu(opset: int = 17) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(8 ch, bias) -> BatchNorm -> Relu -> Conv(4 ch, no bias) -> BatchNorm -> y."""
+    rng = _rng()
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
+    ]
+    for prefix, channels in (("bn1", 8), ("bn2", 4)):
+        inits += [
+            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_scale"),
+            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_bias"),
+            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_mean"),
+            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_var"),
+        ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"],
+                         name="bn1", epsilon=1e-3),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("BatchNormalization", ["c2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["y"],
+                         name="bn2"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+        opset,
+    )
+
+
+def gemm_matmul_bn() -> onnx.ModelProto:
+    """x[N,16] -> Gemm(transB, bias) -> BN -> MatMul(const [8,6]) -> BN -> y[N,6]."""
+    rng = _rng()
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "wg"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bg"),
+        numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "wm"),
+    ]
+    for prefix, channels in (("bn1", 8), ("bn2", 6)):
+        inits += [
+            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_scale"),
+            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_bias"),
+            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_mean"),
+            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_var"),
+        ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "wg", "bg"], ["g"], name="gemm", transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("BatchNormalization", ["g", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"],
+                         name="bn1"),
+        helper.make_node("MatMul", ["n1", "wm"], ["m"], name="matmul"),
+        helper.make_node("BatchNormalization", ["m", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["y"],
+                         name="bn2"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+
+
+def constant_node_weights(opset: int = 17) -> onnx.ModelProto:
+    """Weights held in Constant nodes, a foldable constant expression and a dead branch.
+
+    y = MatMul(x, Constant W) + (Constant a * Constant b); a dead Mul hangs off x.
+    """
+    rng = _rng()
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["W"], name="const_w", value=numpy_helper.from_array(w)),
+        helper.make_node("Constant", [], ["a"], name="const_a", value_floats=[1.0, 2.0, 3.0, 4.0, 5.0]),
+        helper.make_node("Constant", [], ["b"], name="const_b", value_float=0.5),
+        helper.make_node("Mul", ["a", "b"], ["ab"], name="fold_me"),
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+        helper.make_node("Add", ["m", "ab"], ["y"], name="add"),
+        helper.make_node("Mul", ["x", "x"], ["dead"], name="dead_mul"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        opset=opset,
+    )
