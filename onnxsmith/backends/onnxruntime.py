@@ -12,6 +12,8 @@ import onnxruntime as ort
 from onnxsmith.models.base import Feed, Outputs
 from onnxsmith.optimizer.model_io import needs_external_data, saved_to_temporary_file
 
+ort.set_default_logger_severity(3)  # errors only: warnings from sessions other code creates (e.g. graph folding)
+
 
 def create_session(
     model: onnx.ModelProto | str | os.PathLike[str],

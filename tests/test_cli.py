@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+import graphs
+from onnxsmith.optimizer.cli import main
+from onnxsmith.optimizer.manager import read_provenance
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(graphs.conv_bn_relu(), path)
+    return path
+
+
+def test_help_shows_usage_and_examples(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: optimize" in text and "examples:" in text and "--dry-run" in text
+
+
+def test_console_script_is_installed():
+    completed = subprocess.run(["optimize", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("onnxsmith ")
+
+
+def test_default_output_name_and_provenance(model_file, capsys):
+    before = model_file.read_bytes()
+    assert main([str(model_file)]) == 0
+    output = model_file.with_name("net.opt.onnx")
+    records = read_provenance(onnx.load(output))
+    assert [r["name"] for r in records][:2] == ["constants-to-initializers", "shape-inference"]
+    assert model_file.read_bytes() == before
+    assert "fold-batchnorm" in capsys.readouterr().err
+
+
+def test_dry_run_lists_the_plan_and_writes_nothing(model_file, capsys):
+    assert main([str(model_file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1. constants-to-initializers" in out and "fold-batchnorm" in out
+    assert sorted(p.name for p in model_file.parent.iterdir()) == ["net.onnx"]
+
+
+def test_refuses_to_overwrite_the_input(model_file, capsys):
+    before = model_file.read_bytes()
+    assert main([str(model_file), "-o", str(model_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refusing to overwrite the input" in err
+    assert model_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "model file not found"), (b"garbage" * 20, "not a valid ONNX model"), (b"", "model file is empty")],
+)
+def test_bad_model_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "in.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optimize: error: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_bad_model_through_the_real_command_has_no_traceback(tmp_path):
+    path = tmp_path / "in.onnx"
+    path.write_bytes(b"not onnx" * 10)
+    completed = subprocess.run([sys.executable, "-m", "onnxsmith.optimizer.cli", str(path)],
+                               capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("optimize: error: not a valid ONNX model")
+    assert "Traceback" not in completed.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from onnxsmith.errors import UserError
+
+    with pytest.raises(UserError):
+        main([str(tmp_path / "missing.onnx"), "--debug"])
+
+
+def test_unknown_recipe_is_exit_2(model_file, capsys):
+    assert main([str(model_file), "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_list_recipes_and_zoo(capsys):
+    assert main(["--list-recipes"]) == 0
+    assert capsys.readouterr().out.startswith("cleanup")
+    assert main(["--list-zoo"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("vit-digits", "minilm", "smollm2", "moe-tiny"):
+        assert name in listing
+
+
+def test_report_and_file_evaluation(model_file, tmp_path):
+    report = tmp_path / "rep"
+    assert main([str(model_file), "-o", str(tmp_path / "o.onnx"), "--report", str(report), "--evaluate", "-q"]) == 0
+    data = json.loads((report / "report.json").read_text())
+    assert data["verification"].startswith("every lossless pass verified")
+    assert data["evaluation"]["output_sqnr_db"]["y"] == "inf" or data["evaluation"]["output_sqnr_db"]["y"] > 80
+    assert "| fold-batchnorm | yes |" in (report / "report.md").read_text()
+
+
+def test_calib_npz_feeds_verification(model_file, tmp_path):
+    import numpy as np
+
+    good = tmp_path / "calib.npz"
+    np.savez(good, x=np.ones((3, 3, 8, 8), np.float32))
+    assert main([str(model_file), "--calib", str(good), "-q"]) == 0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.ones((3, 3, 8, 8), np.float32))
+    assert main([str(model_file), "--calib", str(bad), "-q"]) == 2
+
+
+def test_missing_model_argument_is_exit_2(capsys):
+    assert main([]) == 2
+    assert "give a model" in capsys.readouterr().err
