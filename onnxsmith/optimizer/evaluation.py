@@ -60,7 +60,9 @@ def evaluate(
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     ref_reduced, cand_reduced = [], []
-    for index, feed in enumerate(tqdm(feeds, desc="evaluating", unit="feed", disable=not progress, leave=False)):
+    # tqdm's disable=None hides the bar when stderr is not a terminal.
+    bar = tqdm(feeds, desc="evaluating", unit="feed", leave=False, disable=None if progress else True)
+    for index, feed in enumerate(bar):
         ref_out = run_session(ref_session, feed)
         cand_out = run_session(cand_session, feed)
         for name, ref in ref_out.items():
