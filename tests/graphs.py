@@ -19,6 +19,16 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx
     return model
 
 
+def batchnorm_parameters(rng: np.random.Generator, prefix: str, channels: int) -> list[onnx.TensorProto]:
+    """Scale, bias, mean and variance initializers named ``{prefix}_scale`` etc. (variances positive)."""
+    return [
+        numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_scale"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_bias"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_var"),
+    ]
+
+
 def conv_bn_relu(opset: int = 17) -> onnx.ModelProto:
     """x[N,3,8,8] -> Conv(8 ch, bias) -> BatchNorm -> Relu -> Conv(4 ch, no bias) -> BatchNorm -> y."""
     rng = _rng()
@@ -27,13 +37,7 @@ def conv_bn_relu(opset: int = 17) -> onnx.ModelProto:
         numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
         numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
     ]
-    for prefix, channels in (("bn1", 8), ("bn2", 4)):
-        inits += [
-            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_scale"),
-            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_bias"),
-            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_mean"),
-            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_var"),
-        ]
+    inits += batchnorm_parameters(rng, "bn1", 8) + batchnorm_parameters(rng, "bn2", 4)
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"],
@@ -60,13 +64,7 @@ def gemm_matmul_bn() -> onnx.ModelProto:
         numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bg"),
         numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "wm"),
     ]
-    for prefix, channels in (("bn1", 8), ("bn2", 6)):
-        inits += [
-            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_scale"),
-            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_bias"),
-            numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), f"{prefix}_mean"),
-            numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), f"{prefix}_var"),
-        ]
+    inits += batchnorm_parameters(rng, "bn1", 8) + batchnorm_parameters(rng, "bn2", 6)
     nodes = [
         helper.make_node("Gemm", ["x", "wg", "bg"], ["g"], name="gemm", transB=1, alpha=0.5, beta=2.0),
         helper.make_node("BatchNormalization", ["g", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["n1"],
