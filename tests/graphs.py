@@ -103,3 +103,78 @@ def constant_node_weights(opset: int = 17) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
         opset=opset,
     )
+
+
+def matmul_add_gelu(opset: int = 17) -> onnx.ModelProto:
+    """x[N,S,16] -> MatMul W1[16,32] + b1 -> GELU (Erf form) -> MatMul W2[32,8] + b2 -> y."""
+    rng = _rng()
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.3, "w1"),
+        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32) * 0.3, "w2"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "inv_sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        helper.make_node("Mul", ["hb", "inv_sqrt2"], ["hs"], name="gelu_scale"),
+        helper.make_node("Erf", ["hs"], ["he"], name="gelu_erf"),
+        helper.make_node("Add", ["he", "one"], ["h1"], name="gelu_add"),
+        helper.make_node("Mul", ["hb", "h1"], ["hm"], name="gelu_mul"),
+        helper.make_node("Mul", ["hm", "half"], ["g"], name="gelu_half"),
+        helper.make_node("MatMul", ["g", "w2"], ["o"], name="fc2"),
+        helper.make_node("Add", ["o", "b2"], ["y"], name="fc2_bias"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])],
+        inits,
+        opset,
+    )
+
+
+def attention_block(opset: int = 17) -> onnx.ModelProto:
+    """Single-head self-attention with a boolean mask (Where), shape arithmetic, residual Add and LayerNorm.
+
+    x[N,S,16]; q,k,v = x@W; s = (q @ k^T) * c; p = Softmax(Where(mask, s, -1e4)); o = (p @ v) @ Wo + bo;
+    y = LayerNorm(o + x). The mask is x's sequence length compared with itself (shape arithmetic).
+    """
+    rng = _rng()
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.25, f"w{n}") for n in "qkvo"]
+    inits += [
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bo"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "c"),
+        numpy_helper.from_array(np.array(-1e4, np.float32), "neg"),
+        numpy_helper.from_array(np.ones(16, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "beta"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_transpose", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "c"], ["ss"], name="scale"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "axis1"], ["seq"], name="seq_len", axis=0),
+        helper.make_node("Equal", ["seq", "seq"], ["mask"], name="mask"),
+        helper.make_node("Where", ["mask", "ss", "neg"], ["masked"], name="where"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"], name="context"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "bo"], ["ob"], name="o_bias"),
+        helper.make_node("Add", ["ob", "x"], ["res"], name="residual"),
+        helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["y"], name="layernorm", axis=-1),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 16])],
+        inits,
+        opset,
+    )

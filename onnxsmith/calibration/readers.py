@@ -1,9 +1,17 @@
-"""Calibration and probe data readers, validated against a model's inputs."""
+"""Calibration data readers: ``.npz`` files, folders, Python iterables of feeds, with validation.
+
+Every feed is checked against the model's inputs (names, dtypes, ranks, fixed dimensions, NaN/Inf, emptiness);
+a problem is a one-line :class:`UserError` naming the source, the input and what was expected. Sequence
+lengths may differ from feed to feed: feeds are run one at a time, so nothing is padded.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,59 +20,135 @@ from onnx import helper
 
 from onnxsmith.errors import UserError
 from onnxsmith.models.base import Feed
+from onnxsmith.optimizer.verification import generated_probe_feeds
+
+log = logging.getLogger(__name__)
+
+CalibrationSource = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]]
+"""A path (``.npz`` file or folder of ``.npz``/``.npy`` files) or an iterable of feed dicts."""
+
+RANDOM_FEEDS = 8
+"""How many random feeds the fallback generates."""
 
 
-def read_npz_feeds(path: str | os.PathLike[str], model: onnx.ModelProto) -> list[Feed]:
-    """Feeds from an ``.npz`` holding one array per model input, first axis = samples (one feed per sample).
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input's element type and shape (``None`` for symbolic or unknown dimensions)."""
 
-    Names, dtypes and ranks are validated against the model's inputs; NaN/Inf and empty arrays are rejected.
-    Every problem is a :class:`UserError` naming the file, the input and what was expected.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"calibration data not found: {path}")
-    if path.suffix != ".npz":
-        raise UserError(f"unsupported calibration data {path.name}: expected an .npz file (one array per input)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read calibration data {path.name}: {exc}") from exc
-    specs = _input_specs(model)
-    missing = sorted(set(specs) - set(arrays))
-    extra = sorted(set(arrays) - set(specs))
-    if missing or extra:
-        raise UserError(
-            f"calibration data {path.name} does not match the model inputs {sorted(specs)}: "
-            f"missing {missing}, unexpected {extra}"
-        )
-    counts = set()
-    for name, array in arrays.items():
-        dtype, rank = specs[name]
-        if array.dtype != dtype:
-            raise UserError(f"calibration input {name!r} has dtype {array.dtype}, the model expects {dtype}")
-        if rank is not None and array.ndim != rank:
-            raise UserError(
-                f"calibration input {name!r} has rank {array.ndim}, the model expects {rank} (first axis = samples)"
-            )
-        if array.size == 0:
-            raise UserError(f"calibration input {name!r} is empty")
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise UserError(f"calibration input {name!r} contains NaN or Inf")
-        counts.add(array.shape[0])
-    if len(counts) != 1:
-        raise UserError(f"calibration inputs in {path.name} have different sample counts: {sorted(counts)}")
-    samples = counts.pop()
-    return [{name: array[i : i + 1] for name, array in arrays.items()} for i in range(samples)]
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
 
 
-def _input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, int | None]]:
+def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
+    """The model's real inputs (initializers listed as inputs excluded)."""
     initializers = {t.name for t in model.graph.initializer}
     specs = {}
     for graph_input in model.graph.input:
         if graph_input.name in initializers:
             continue
         tensor_type = graph_input.type.tensor_type
-        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-        specs[graph_input.name] = (np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)), rank)
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs[graph_input.name] = InputSpec(dtype, shape)
     return specs
+
+
+def load_calibration(source: CalibrationSource, model: onnx.ModelProto) -> list[Feed]:
+    """Read and validate calibration feeds from ``source`` for ``model``.
+
+    - ``.npz`` file: one array per input, first axis = samples; each sample becomes a batch-1 feed.
+    - folder: every ``.npz`` file in it (sorted by name) is one feed; for single-input models ``.npy`` files are
+      feeds of that input too.
+    - iterable: each item is one feed dict.
+    """
+    specs = input_specs(model)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            feeds, label = _read_folder(path, specs), path.name
+        elif path.is_file():
+            if path.suffix != ".npz":
+                raise UserError(f"unsupported calibration file {path.name}: expected .npz or a folder of .npz/.npy")
+            arrays, label = _read_npz(path), path.name
+            feeds = _split_samples(arrays, specs, label)
+        else:
+            raise UserError(f"calibration data not found: {path}")
+    else:
+        feeds, label = [dict(feed) for feed in source], "calibration feeds"
+    if not feeds:
+        raise UserError(f"{label} holds no calibration samples")
+    for index, feed in enumerate(feeds):
+        validate_feed(feed, specs, f"{label}, sample {index}")
+    return feeds
+
+
+def random_calibration(model: onnx.ModelProto, count: int = RANDOM_FEEDS) -> list[Feed]:
+    """Random feeds within the input specs, with a loud warning: ranges calibrated on noise are not real ranges."""
+    log.warning(
+        "NO CALIBRATION DATA: calibrating on %d random inputs. Quantization ranges will not match real data; "
+        "pass --calib with representative inputs.",
+        count,
+    )
+    return generated_probe_feeds(model, count=count)
+
+
+def validate_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec], where: str) -> None:
+    """Raise :class:`UserError` unless ``feed`` matches ``specs`` exactly (names, dtypes, ranks, fixed dims)."""
+    missing, extra = sorted(set(specs) - set(feed)), sorted(set(feed) - set(specs))
+    if missing or extra:
+        raise UserError(f"{where}: inputs do not match the model's {sorted(specs)}: missing {missing}, unexpected {extra}")
+    for name, spec in specs.items():
+        array = feed[name]
+        if not isinstance(array, np.ndarray):
+            raise UserError(f"{where}: input {name!r} is {type(array).__name__}, expected a numpy array")
+        if array.dtype != spec.dtype:
+            raise UserError(f"{where}: input {name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise UserError(f"{where}: input {name!r} has shape {array.shape}, the model expects rank {len(spec.shape)}")
+            for axis, (actual, expected) in enumerate(zip(array.shape, spec.shape)):
+                if expected not in (None, 0) and actual != expected:
+                    raise UserError(
+                        f"{where}: input {name!r} has size {actual} on axis {axis}, the model expects {expected}"
+                    )
+        if array.size == 0:
+            raise UserError(f"{where}: input {name!r} is empty")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UserError(f"{where}: input {name!r} contains NaN or Inf")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read calibration data {path.name}: {exc}") from exc
+
+
+def _split_samples(arrays: dict[str, np.ndarray], specs: Mapping[str, InputSpec], label: str) -> list[Feed]:
+    missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
+    if missing or extra:
+        raise UserError(f"{label}: inputs do not match the model's {sorted(specs)}: missing {missing}, unexpected {extra}")
+    counts = {name: (array.shape[0] if array.ndim else 0) for name, array in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise UserError(f"{label}: inputs have different sample counts (first axis): {counts}")
+    samples = next(iter(counts.values()))
+    return [{name: array[i : i + 1] for name, array in arrays.items()} for i in range(samples)]
+
+
+def _read_folder(folder: Path, specs: Mapping[str, InputSpec]) -> list[Feed]:
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npz", ".npy"))
+    feeds = []
+    for path in files:
+        if path.suffix == ".npz":
+            feeds.append(_read_npz(path))
+        elif len(specs) == 1:
+            try:
+                feeds.append({next(iter(specs)): np.load(path, allow_pickle=False)})
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read calibration data {path.name}: {exc}") from exc
+        else:
+            raise UserError(f"{path.name}: .npy files serve single-input models only; use .npz (one array per input)")
+    return feeds

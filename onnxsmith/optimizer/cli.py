@@ -20,6 +20,8 @@ examples:
   optimize model.onnx                            write model.opt.onnx with the '{DEFAULT_RECIPE}' recipe
   optimize model.onnx -o out.onnx --report rep/  also write rep/report.json and rep/report.md
   optimize model.onnx --calib data.npz           verify on your own inputs (one array per input)
+  optimize zoo:minilm --recipe w8a8 --calibrator percentile   INT8 QDQ, uint8 activations
+  optimize model.onnx --recipe w8a8 --act-dtype int8 --exclude lm_head --calib data.npz
   optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
   optimize --list-recipes | --list-zoo
 
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", help="an .onnx file, or zoo:NAME for a built-in model")
     parser.add_argument("-o", "--output", help="output file (default: IN.opt.onnx; ./NAME.opt.onnx for zoo)")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or a .toml recipe file")
-    parser.add_argument("--calib", metavar="PATH", help=".npz of input arrays (first axis = samples)")
+    parser.add_argument("--calib", metavar="PATH",
+                        help="calibration data: .npz (one array per input, first axis = samples) or a folder of "
+                             ".npz files (one feed each)")
     parser.add_argument("--report", metavar="DIR", help="write report.json and report.md into DIR")
     parser.add_argument("--dry-run", action="store_true", help="list the planned passes and exit")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check of lossless passes")
@@ -47,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compare FP32 and optimized models (default: on for zoo models)",
     )
+    quantization = parser.add_argument_group("quantization (override the recipe's quantizing passes)")
+    quantization.add_argument("--act-dtype", choices=["uint8", "int8"],
+                              help="activation type: uint8 (onnxruntime CPU speed) or int8 (TensorRT, zero point 0)")
+    quantization.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
+                              help="activation range search")
+    quantization.add_argument("--exclude", metavar="REGEX", action="append", default=[],
+                              help="keep nodes whose name matches REGEX in float (repeatable), e.g. 'lm_head|router'")
+    quantization.add_argument("--exclude-op", metavar="OP", action="append", default=[],
+                              help="keep nodes of this op type in float (repeatable)")
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
     parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
     verbosity = parser.add_mutually_exclusive_group()
@@ -94,8 +107,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.model is None:
         parser.print_usage(sys.stderr)
         raise UserError("give a model (.onnx file or zoo:NAME), or --list-recipes / --list-zoo")
+    pass_options = _pass_options(args)
     if args.dry_run:
-        for index, p in enumerate(plan(args.model, args.recipe), 1):
+        for index, p in enumerate(plan(args.model, args.recipe, pass_options), 1):
             kind = "lossless" if p.lossless else "lossy"
             print(f"{index:2}. {p.name:28} {kind:9} {p.description}")
         return 0
@@ -105,6 +119,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.output,
         recipe=args.recipe,
         calib=args.calib,
+        pass_options=pass_options,
         verify=not args.no_verify,
         evaluate_model=args.evaluate,
         on_record=lambda record: say(_record_line(record)),
@@ -117,6 +132,20 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         say(f"report: {json_path.parent}/report.{{json,md}}")
     _summary(result, say)
     return 0
+
+
+def _pass_options(args: argparse.Namespace) -> dict[str, object]:
+    """Command-line overrides of pass arguments (only the options the user gave)."""
+    options: dict[str, object] = {}
+    if args.act_dtype:
+        options["act_dtype"] = args.act_dtype
+    if args.calibrator:
+        options["calibrator"] = args.calibrator
+    if args.exclude:
+        options["exclude_regex"] = args.exclude
+    if args.exclude_op:
+        options["exclude_ops"] = args.exclude_op
+    return options
 
 
 def _zoo_line(name: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from onnxsmith import __version__
+from onnxsmith.calibration.collection import collect
 from onnxsmith.errors import PassError, first_line
 from onnxsmith.models.base import Feed, Outputs
 from onnxsmith.optimizer.model_io import check_model
@@ -41,6 +42,8 @@ class PassRecord:
     nodes_after: int
     changes: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
+    calibration_seconds: float = 0.0
+    details: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +136,7 @@ class PassManager:
         except PreconditionError as exc:
             raise PassError(f"{exc}{where}") from exc
         nodes_before = len(model.graph.node)
+        calibration_seconds = self._calibrate(p, model, context, where)
         start = time.perf_counter()
         try:
             result = p.run(model, context)
@@ -145,7 +149,8 @@ class PassManager:
         except onnx.checker.ValidationError as exc:
             raise PassError(f"pass {p.name!r} produced an invalid model: {first_line(exc)}{where}") from exc
         record = PassRecord(p.name, p.lossless, seconds, result.modified, nodes_before, len(model.graph.node),
-                            dict(result.changes))
+                            dict(result.changes), calibration_seconds=calibration_seconds,
+                            details=list(result.details))
         if reference is None or not (result.modified or not p.lossless):
             return model, record, reference
         try:
@@ -164,10 +169,24 @@ class PassManager:
         return model, record, after
 
 
+    @staticmethod
+    def _calibrate(p: Pass, model: onnx.ModelProto, context: PassContext, where: str) -> float:
+        """Run the observers ``p`` asks for over the calibration data; returns the seconds it took."""
+        if not p.needs_calibration:
+            return 0.0
+        start = time.perf_counter()
+        try:
+            context.calibration = collect(model, p.calibration_request(model), context.calibration_data,
+                                          progress=context.progress)
+        except ValueError as exc:
+            raise PassError(f"calibration for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
+        return time.perf_counter() - start
+
+
 def write_provenance(model: onnx.ModelProto, records: Sequence[PassRecord]) -> None:
     """Store the pass records (JSON) and the onnxsmith version in ``metadata_props``, replacing older ones."""
     entries = {
-        METADATA_KEY: json.dumps([asdict(r) for r in records]),
+        METADATA_KEY: json.dumps([{k: v for k, v in asdict(r).items() if k != "details"} for r in records]),
         "onnxsmith.version": __version__,
     }
     kept = [p for p in model.metadata_props if p.key not in entries]

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx
+
+from onnxsmith.models.base import Feed
+
+if TYPE_CHECKING:
+    from onnxsmith.calibration.observers import Observer
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,15 @@ class Tolerance:
 
 @dataclass
 class PassContext:
-    """What passes may read besides the model: calibration results (from ``calibration/``) and options."""
+    """What passes may read besides the model.
 
-    calibration: Any = None
-    options: dict[str, Any] = field(default_factory=dict)
+    ``calibration_data`` holds the validated calibration feeds; before a pass that ``needs_calibration`` runs, the
+    manager fills ``calibration`` with the observers that pass requested, after they watched every feed.
+    """
+
+    calibration_data: Sequence[Feed] | None = None
+    calibration: Mapping[str, Observer] | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -40,6 +51,8 @@ class PassResult:
     model: onnx.ModelProto
     modified: bool
     changes: dict[str, int | float | str] = field(default_factory=dict)
+    details: list[dict[str, Any]] = field(default_factory=list)
+    """Per-item facts for the report (e.g. one entry per quantized tensor); not stored in the model."""
 
 
 class PreconditionError(Exception):
@@ -64,12 +77,16 @@ class Pass(ABC):
 
     def requires(self, model: onnx.ModelProto, context: PassContext) -> None:
         """Raise :class:`PreconditionError` if the model or context cannot be rewritten by this pass."""
-        if self.needs_calibration and context.calibration is None:
-            raise PreconditionError(f"pass {self.name!r} needs calibration results (give --calib)")
+        if self.needs_calibration and not context.calibration_data:
+            raise PreconditionError(f"pass {self.name!r} needs calibration data (give --calib)")
         if self.min_opset is not None and default_opset(model) < self.min_opset:
             raise PreconditionError(
                 f"pass {self.name!r} needs opset >= {self.min_opset}, the model has {default_opset(model)}"
             )
+
+    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
+        """Observers keyed by the tensor each must watch; called by the manager for passes that need calibration."""
+        return {}
 
     @abstractmethod
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:

@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from onnxsmith.calibration.readers import read_npz_feeds
+from onnxsmith.calibration.readers import CalibrationSource, load_calibration, random_calibration
 from onnxsmith.errors import UserError
 from onnxsmith.models.base import ZooModel
 from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
@@ -72,10 +73,10 @@ def default_output_path(source: ModelSource) -> Path:
     return path.with_name(f"{stem}.opt.onnx")
 
 
-def plan(spec: str, recipe: str = DEFAULT_RECIPE) -> list[Pass]:
+def plan(spec: str, recipe: str = DEFAULT_RECIPE, pass_options: dict[str, Any] | None = None) -> list[Pass]:
     """The passes a run would execute on this model, opset upgrades included (nothing is written)."""
     model = load_model(resolve_source(spec).path())
-    return plan_passes(model, load_recipe(recipe).build())
+    return plan_passes(model, load_recipe(recipe).build(pass_options))
 
 
 def optimize_file(
@@ -83,7 +84,8 @@ def optimize_file(
     output: str | os.PathLike[str] | None = None,
     *,
     recipe: str = DEFAULT_RECIPE,
-    calib: str | os.PathLike[str] | None = None,
+    calib: CalibrationSource | None = None,
+    pass_options: dict[str, Any] | None = None,
     verify: bool = True,
     evaluate_model: bool | None = None,
     on_record: Callable[[PassRecord], None] | None = None,
@@ -91,8 +93,10 @@ def optimize_file(
 ) -> OptimizeResult:
     """Optimize the model named by ``spec`` with ``recipe`` and write it atomically to ``output``.
 
-    The input file is never written. Verification probes come from ``calib`` (an .npz) or the zoo's calibration
-    set, else are generated. ``evaluate_model`` defaults to on for zoo models (their evaluation set and metric)
+    The input file is never written. Calibration data (and the verification probes, its first feeds) come from
+    ``calib`` (see :func:`load_calibration`) or the zoo's calibration set; without either, probes are generated
+    and a recipe that needs calibration falls back to random inputs with a loud warning. ``pass_options``
+    override pass arguments of the recipe (e.g. ``{"calibrator": "entropy"}``). ``evaluate_model`` defaults to on for zoo models (their evaluation set and metric)
     and off for files; for files it evaluates on the probe feeds.
     """
     start = time.perf_counter()
@@ -102,17 +106,21 @@ def optimize_file(
     output_path = Path(output) if output is not None else default_output_path(source)
     _refuse_overwriting_input(input_path, output_path)
     model = load_model(input_path)
-    probes = None
+    passes = recipe_obj.build(pass_options)
+    calibration = None
     if calib is not None:
-        probes = read_npz_feeds(calib, model)[:PROBE_FEEDS]
+        calibration = load_calibration(calib, model)
     elif source.zoo is not None:
-        probes = source.zoo.calibration_feeds(PROBE_FEEDS)
+        calibration = source.zoo.calibration_feeds()
+    elif any(p.needs_calibration for p in passes):
+        calibration = random_calibration(model)
+    probes = calibration[:PROBE_FEEDS] if calibration is not None else None
     wants_evaluation = evaluate_model if evaluate_model is not None else source.zoo is not None
     file_eval_feeds = None
     if wants_evaluation and source.zoo is None:
         file_eval_feeds = probes if probes is not None else generated_probe_feeds(model)
-    manager = PassManager(recipe_obj.build(), probe_feeds=probes, verify=verify, on_record=on_record)
-    result = manager.run(model, PassContext())
+    manager = PassManager(passes, probe_feeds=probes, verify=verify, on_record=on_record)
+    result = manager.run(model, PassContext(calibration_data=calibration, progress=progress))
     save_model(result.model, output_path)
     evaluation = None
     if source.zoo is not None and wants_evaluation:

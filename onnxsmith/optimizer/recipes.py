@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from onnxsmith.errors import UserError
@@ -31,17 +32,28 @@ class Recipe:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
 
-    def build(self) -> list[Pass]:
-        """Instantiate the passes (a pass named twice shares its options)."""
+    def build(self, overrides: Mapping[str, Any] | None = None) -> list[Pass]:
+        """Instantiate the passes (a pass named twice shares its options).
+
+        ``overrides`` (e.g. ``{"calibrator": "entropy"}`` from the command line) go to every pass whose
+        constructor takes that argument; a key no pass of the recipe takes is a :class:`UserError`.
+        """
         from onnxsmith.passes import PASSES
 
+        overrides = dict(overrides or {})
+        unused = set(overrides)
         built = []
         for pass_name in self.passes:
-            kwargs = self.options.get(pass_name, {})
+            accepted = set(inspect.signature(PASSES[pass_name]).parameters)
+            applicable = {k: v for k, v in overrides.items() if k in accepted}
+            unused -= set(applicable)
+            kwargs = {**self.options.get(pass_name, {}), **applicable}
             try:
                 built.append(PASSES[pass_name](**kwargs))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise UserError(f"recipe {self.name!r}: bad options for pass {pass_name!r}: {exc}") from exc
+        if unused:
+            raise UserError(f"recipe {self.name!r} has no pass that takes {sorted(unused)}")
         return built
 
 

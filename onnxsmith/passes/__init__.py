@@ -4,6 +4,7 @@ from onnxsmith.optimizer.pass_base import Pass
 from onnxsmith.passes.constant_folding import ConstantFolding
 from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
 from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
+from onnxsmith.passes.qdq_int8 import QuantizeInt8
 from onnxsmith.passes.remove_dead_nodes import RemoveDeadNodes
 from onnxsmith.passes.shape_inference import ShapeInference
 from onnxsmith.passes.upgrade_opset import UpgradeOpset
@@ -17,5 +18,6 @@ PASSES: dict[str, type[Pass]] = {
         FoldBatchNorm,
         RemoveDeadNodes,
         UpgradeOpset,
+        QuantizeInt8,
     )
 }

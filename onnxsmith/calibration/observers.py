@@ -1,0 +1,189 @@
+"""Observers: watch tensors during calibration and keep streaming statistics of bounded size.
+
+An observer only accumulates statistics; turning them into a clipping range is the job of
+:mod:`onnxsmith.calibration.range_search`, and turning a range into ``QuantizeLinear`` parameters the job of
+:mod:`onnxsmith.calibration.qparams` (the split torch.ao uses). Every observer's state has a size fixed at
+construction (or by the first batch), so peak memory does not grow with the number of calibration samples.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Observer(ABC):
+    """Streaming statistics of every value passed to :meth:`observe`.
+
+    ``name`` (optional, settable) is the watched tensor's name, used in error messages. ``count`` is the number
+    of elements seen so far.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        self.count = 0
+
+    def observe(self, array: np.ndarray) -> None:
+        """Add every element of ``array`` (any shape, real dtype) to the statistics.
+
+        Empty arrays are ignored. Raises ValueError, naming the observer, if ``array`` holds NaN or Inf; the
+        statistics are then unchanged.
+        """
+        values = np.asarray(array)
+        if values.size == 0:
+            return
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+            raise TypeError(f"{self._label()} observes real numbers, got dtype {values.dtype}")
+        values = values.astype(np.float64, copy=False)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{self._label()} got NaN or Inf values")
+        self._update(values)
+        self.count += values.size
+
+    @abstractmethod
+    def state_bytes(self) -> int:
+        """Bytes held in the observer's arrays; independent of how many batches were observed."""
+
+    @abstractmethod
+    def _update(self, values: np.ndarray) -> None:
+        """Fold a non-empty, finite float64 batch into the statistics."""
+
+    def _label(self) -> str:
+        kind = type(self).__name__
+        return f"{kind} {self.name!r}" if self.name is not None else kind
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over all elements (``min``/``max`` are Python floats, None before data)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.min: float | None = None
+        self.max: float | None = None
+
+    def state_bytes(self) -> int:
+        return 0  # two Python floats, no arrays
+
+    def _update(self, values: np.ndarray) -> None:
+        low, high = float(values.min()), float(values.max())
+        self.min = low if self.min is None else min(self.min, low)
+        self.max = high if self.max is None else max(self.max, high)
+
+
+class PerChannelMinMaxObserver(Observer):
+    """Running minimum and maximum of every channel (index along ``axis``; negative axes count from the end).
+
+    The first batch fixes the channel count; a later batch with another channel count, or too few dimensions
+    for ``axis``, raises ValueError. ``min``/``max`` are float64 arrays of shape ``(channels,)``, None before data.
+    """
+
+    def __init__(self, axis: int, name: str | None = None) -> None:
+        super().__init__(name)
+        self.axis = axis
+        self.min: np.ndarray | None = None
+        self.max: np.ndarray | None = None
+
+    def state_bytes(self) -> int:
+        return 0 if self.min is None else self.min.nbytes + self.max.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        if not -values.ndim <= self.axis < values.ndim:
+            raise ValueError(f"{self._label()}: axis {self.axis} is out of range for shape {values.shape}")
+        channels = np.moveaxis(values, self.axis, 0).reshape(values.shape[self.axis], -1)
+        if self.min is not None and channels.shape[0] != self.min.size:
+            raise ValueError(
+                f"{self._label()}: batch has {channels.shape[0]} channels along axis {self.axis}, "
+                f"earlier batches had {self.min.size}"
+            )
+        low, high = channels.min(axis=1), channels.max(axis=1)
+        self.min = low if self.min is None else np.minimum(self.min, low)
+        self.max = high if self.max is None else np.maximum(self.max, high)
+
+
+class HistogramObserver(Observer):
+    """Histogram of all values over a symmetric range ``[-R, R]`` with ``bins`` equal bins, plus exact min/max.
+
+    Bin ``k`` holds the values ``v`` with ``edges[k] <= v < edges[k+1]``; the last bin also holds ``v == R``.
+    The edges are ``(k - bins/2) * width`` rounded once to float64, so ``0`` is always an edge.
+
+    The first batch with a non-zero value sets ``R`` to its ``max|v|`` (rounded up by a few ulps at most, so that
+    ``edges[-1] >= max|v|``); while only zeros have been seen ``R`` is a tiny placeholder, and the zeros sit in
+    bin ``bins/2`` whatever ``R`` becomes. A batch beyond ``R`` doubles ``R`` until it fits. Doubling is exact:
+    the bin count is even and the range symmetric, so every doubled edge is an old edge (``2m * width`` is
+    ``m * 2width`` rounded the same way) and each new bin is the union of at most two old bins. The histogram
+    therefore equals ``np.histogram(all_values, bins=edges)`` over the final edges, whatever the batching.
+    """
+
+    _PLACEHOLDER_RANGE = 1e-8
+
+    def __init__(self, bins: int = 2048, name: str | None = None) -> None:
+        super().__init__(name)
+        if bins < 2 or bins % 2:
+            raise ValueError(f"HistogramObserver needs an even number of bins >= 2, got {bins}")
+        self.bins = bins
+        self.min: float | None = None
+        self.max: float | None = None
+        self._width = 2 * self._PLACEHOLDER_RANGE / bins
+        # counts[k] for bin k < bins; counts[bins] holds the values exactly equal to R, which stay in the last
+        # bin only until R doubles (then they belong to bin 3*bins/4), so they are kept apart.
+        self._counts = np.zeros(bins + 1, dtype=np.int64)
+
+    @property
+    def histogram(self) -> np.ndarray:
+        """Counts per bin (int64, length ``bins``)."""
+        counts = self._counts[:-1].copy()
+        counts[-1] += self._counts[-1]
+        return counts
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The ``bins + 1`` bin edges (float64), symmetric around 0: ``edges[0] == -R``, ``edges[-1] == R``."""
+        half = self.bins // 2
+        return np.arange(-half, half + 1, dtype=np.float64) * self._width
+
+    @property
+    def range_max(self) -> float:
+        """``R``: the histogram covers ``[-R, R]`` and ``R >= max|v|`` over every observed value."""
+        return (self.bins // 2) * self._width  # == edges[-1], the same float64 product
+
+    def state_bytes(self) -> int:
+        return self._counts.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        low, high = float(values.min()), float(values.max())
+        amax = max(-low, high)
+        if amax > 0 and (self.max is None or max(-self.min, self.max) == 0):
+            self._width = self._width_for(amax)  # only zeros so far: they stay in bin bins/2 for any width
+        while self.range_max < amax:
+            self._double()
+        self._counts += np.bincount(self._slots(values.ravel()), minlength=self.bins + 1)
+        self.min = low if self.min is None else min(self.min, low)
+        self.max = high if self.max is None else max(self.max, high)
+
+    def _slots(self, values: np.ndarray) -> np.ndarray:
+        """Slot ``k`` of each value: ``edges[k] <= v < edges[k+1]``, or ``bins`` for ``v == R`` (see __init__).
+
+        ``floor(v / width)`` is off by at most one from the edge comparison (both round once), so one
+        correction step against the edges makes it exact (``np.histogram`` does the same).
+        """
+        edges = self.edges
+        slots = np.floor(values / self._width).astype(np.int64) + self.bins // 2
+        np.clip(slots, 0, self.bins, out=slots)
+        slots -= values < edges[slots]
+        slots += (slots < self.bins) & (values >= edges[np.minimum(slots + 1, self.bins)])
+        return slots
+
+    def _width_for(self, amax: float) -> float:
+        """The smallest bin width (up to rounding) whose top edge ``(bins/2) * width`` is at least ``amax``."""
+        width = amax / (self.bins // 2)
+        while (self.bins // 2) * width < amax:
+            width = float(np.nextafter(width, np.inf))
+        return width
+
+    def _double(self) -> None:
+        """Double ``R``: old bin (or top slot) ``k`` lies inside new bin ``(k + bins/2) // 2``."""
+        counts = np.zeros_like(self._counts)
+        np.add.at(counts, (np.arange(self.bins + 1) + self.bins // 2) // 2, self._counts)
+        self._counts = counts
+        self._width *= 2

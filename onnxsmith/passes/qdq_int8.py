@@ -1,0 +1,213 @@
+"""Lossy: INT8 QDQ on the inputs of Conv, Gemm and MatMul, placed the way TensorRT fuses them.
+
+Weights (constant inputs) become per-output-channel symmetric int8 initializers read through a
+``DequantizeLinear`` (Conv axis 0, Gemm axis 0 with ``transB=1`` else 1, MatMul the last axis). Activations get
+one per-tensor ``QuantizeLinear -> DequantizeLinear`` pair each, shared by all quantized consumers: uint8 with a
+zero point (onnxruntime's fast CPU path) or int8 with zero point 0 (TensorRT). Activation x activation MatMuls
+get QDQ on both inputs. Nothing else is touched: LayerNorm, Softmax, residual Adds, Where, shape arithmetic and
+integer or boolean tensors keep their float (or original) inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxsmith.calibration.observers import HistogramObserver, MinMaxObserver, Observer
+from onnxsmith.calibration.qparams import asymmetric_qparams, dequantize, quantize, symmetric_scale
+from onnxsmith.calibration.range_search import search_range
+from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
+from onnxsmith.passes.graph_utils import export_graph, import_graph
+
+TARGET_OPS = ("Conv", "Gemm", "MatMul")
+FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+ACT_DTYPES = {"uint8": np.uint8, "int8": np.int8}
+
+
+@dataclass
+class Placement:
+    """Where QDQ goes: weight inputs (node, input index, axis), activation tensors, and skipped nodes."""
+
+    weights: list[tuple[gs.Node, int, int]] = field(default_factory=list)
+    activations: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class QuantizeInt8(Pass):
+    """W8A8 QDQ insertion; see the module docstring for the placement rules.
+
+    ``calibrator`` picks the activation range search; ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
+    and ``exclude_regex`` (patterns matched against node names, e.g. ``"lm_head|router|gate$"``) keep nodes in
+    float. ``activation_matmuls=False`` leaves MatMuls with two activation inputs (attention) in float.
+    """
+
+    name = "int8-qdq"
+    description = "INT8 QDQ: per-channel int8 weights, per-tensor activations on Conv/Gemm/MatMul inputs"
+    lossless = False
+    needs_calibration = True
+    min_opset = 13
+
+    def __init__(
+        self,
+        act_dtype: str = "uint8",
+        calibrator: str = "minmax",
+        percentile: float = 99.999,
+        activation_matmuls: bool = True,
+        exclude_nodes: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        exclude_regex: Sequence[str] = (),
+    ) -> None:
+        if act_dtype not in ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {sorted(ACT_DTYPES)}, got {act_dtype!r}")
+        if calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator must be one of {list(CALIBRATORS)}, got {calibrator!r}")
+        self.act_dtype = act_dtype
+        self.calibrator = calibrator
+        self.percentile = percentile
+        self.activation_matmuls = activation_matmuls
+        self.exclude_nodes = set(exclude_nodes)
+        self.exclude_ops = set(exclude_ops)
+        self.exclude_patterns = [re.compile(p) for p in exclude_regex]
+
+    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
+        placement = self.place(import_graph(model))
+        return {name: self._observer(name) for name in placement.activations}
+
+    def place(self, graph: gs.Graph) -> Placement:
+        """Decide the QDQ placement for ``graph`` (no edits)."""
+        placement = Placement()
+        for node in graph.nodes:
+            if node.op not in TARGET_OPS:
+                continue
+            reason = self._exclusion(node)
+            if reason is None:
+                reason = self._place_node(node, placement)
+            if reason is not None:
+                placement.skipped[node.name] = reason
+        return placement
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        graph = import_graph(model)
+        placement = self.place(graph)
+        details: list[dict] = []
+        dequantized_weights: dict[tuple[str, int], gs.Variable] = {}
+        for node, index, axis in placement.weights:
+            weight = node.inputs[index]
+            key = (weight.name, axis)
+            if key not in dequantized_weights:
+                dequantized_weights[key], detail = _quantize_weight(graph, weight, axis)
+                details.append(detail)
+            node.inputs[index] = dequantized_weights[key]
+        tensors = graph.tensors()
+        for name, consumers in placement.activations.items():
+            scale, zero_point, value_range = self._activation_qparams(context.calibration[name])
+            dequantized = _insert_qdq(graph, tensors[name], scale, zero_point)
+            for node, index in consumers:
+                node.inputs[index] = dequantized
+            details.append({"tensor": name, "kind": "activation", "dtype": self.act_dtype, "range": value_range,
+                            "scale": float(scale), "zero_point": int(zero_point),
+                            "consumers": [node.name for node, _ in consumers]})
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        changes = {
+            "weights_quantized": len(dequantized_weights),
+            "activations_quantized": len(placement.activations),
+            "nodes_skipped": len(placement.skipped),
+        }
+        details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
+        modified = bool(dequantized_weights or placement.activations)
+        return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
+
+    def _exclusion(self, node: gs.Node) -> str | None:
+        if node.name in self.exclude_nodes:
+            return "excluded by name"
+        if node.op in self.exclude_ops:
+            return "excluded by op type"
+        for pattern in self.exclude_patterns:
+            if pattern.search(node.name):
+                return f"excluded by pattern {pattern.pattern!r}"
+        return None
+
+    def _place_node(self, node: gs.Node, placement: Placement) -> str | None:
+        data, weight = node.inputs[0], node.inputs[1]
+        if not _is_float(data) or not _is_float(weight):
+            return "input type is not float (or unknown: run shape-inference first)"
+        if isinstance(data, gs.Constant):
+            return "constant first input"
+        if isinstance(weight, gs.Constant):
+            axis = _weight_axis(node, weight)
+            if axis is None:
+                return "weight layout not supported for per-channel quantization"
+            placement.weights.append((node, 1, axis))
+            activation_inputs = [0]
+        elif node.op == "MatMul" and self.activation_matmuls:
+            activation_inputs = [0, 1]
+        else:
+            return "activation x activation MatMul (activation_matmuls is off)" if node.op == "MatMul" else \
+                "non-constant weight"
+        for index in activation_inputs:
+            placement.activations.setdefault(node.inputs[index].name, []).append((node, index))
+        return None
+
+    def _observer(self, name: str) -> Observer:
+        return MinMaxObserver(name=name) if self.calibrator == "minmax" else HistogramObserver(name=name)
+
+    def _activation_qparams(self, observer: Observer) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        symmetric = self.act_dtype == "int8"
+        options = {"percentile": self.percentile} if self.calibrator == "percentile" else {}
+        lo, hi = search_range(observer, self.calibrator, bits=8, symmetric=symmetric, **options)
+        if symmetric:
+            scale = np.float32(symmetric_scale(max(abs(lo), abs(hi)), bits=8))
+            return scale, np.int8(0), [float(lo), float(hi)]
+        scale, zero_point = asymmetric_qparams(lo, hi, np.uint8)
+        return np.float32(scale), np.uint8(zero_point), [float(lo), float(hi)]
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype) in FLOAT_TYPES
+
+
+def _weight_axis(node: gs.Node, weight: gs.Constant) -> int | None:
+    """The output-channel axis of a constant weight, or None when per-channel QDQ does not fit it."""
+    rank = weight.values.ndim
+    if node.op == "Conv":
+        return 0 if rank >= 3 else None
+    if node.op == "Gemm":
+        return (0 if node.attrs.get("transB", 0) else 1) if rank == 2 else None
+    return rank - 1 if rank >= 2 else None
+
+
+def _quantize_weight(graph: gs.Graph, weight: gs.Constant, axis: int) -> tuple[gs.Variable, dict]:
+    values = weight.values.astype(np.float32)
+    reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
+    amax = np.abs(values).max(axis=reduce_axes)
+    scale = symmetric_scale(amax, bits=8).astype(np.float32)
+    zero_point = np.zeros_like(scale, dtype=np.int8)
+    quantized = quantize(values, scale, zero_point, np.int8, axis=axis)
+    restored = dequantize(quantized, scale, zero_point, axis=axis)
+    q_const = gs.Constant(f"{weight.name}_int8", quantized)
+    scale_const = gs.Constant(f"{weight.name}_scale", scale)
+    zp_const = gs.Constant(f"{weight.name}_zero_point", zero_point)
+    output = gs.Variable(f"{weight.name}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{weight.name}_DequantizeLinear",
+                               attrs={"axis": axis}, inputs=[q_const, scale_const, zp_const], outputs=[output]))
+    noise = float(np.sum((values - restored) ** 2))
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
+    return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8", "axis": axis, "sqnr_db": sqnr}
+
+
+def _insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray) -> gs.Variable:
+    scale_const = gs.Constant(f"{tensor.name}_scale", np.asarray(scale, dtype=np.float32))
+    zp_const = gs.Constant(f"{tensor.name}_zero_point", np.asarray(zero_point))
+    quantized = gs.Variable(f"{tensor.name}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
+    dequantized = gs.Variable(f"{tensor.name}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear",
+                               inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear",
+                               inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
+    return dequantized
