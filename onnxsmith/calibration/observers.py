@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from onnxsmith.calibration.qparams import fake_quantize
+
 
 class Observer(ABC):
     """Streaming statistics of every value passed to :meth:`observe`.
@@ -187,3 +189,35 @@ class HistogramObserver(Observer):
         np.add.at(counts, (np.arange(self.bins + 1) + self.bins // 2) // 2, self._counts)
         self._counts = counts
         self._width *= 2
+
+
+class QuantizationNoiseObserver(Observer):
+    """Signal and quantization-noise energy of a tensor under fixed QuantizeLinear parameters.
+
+    Each batch is fake-quantized exactly as ONNX QuantizeLinear/DequantizeLinear would (per-tensor, or per-axis
+    with ``axis``); :meth:`sqnr_db` is 10·log10(Σx² / Σ(x − x̂)²) over everything observed.
+    """
+
+    def __init__(self, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(name)
+        self.scale = np.asarray(scale, dtype=np.float32)
+        self.zero_point = np.asarray(zero_point)
+        self.axis = axis
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def state_bytes(self) -> int:
+        return 16
+
+    def _update(self, values: np.ndarray) -> None:
+        original = values.astype(np.float32)
+        restored = fake_quantize(original, self.scale, self.zero_point, self.zero_point.dtype, axis=self.axis)
+        self.signal += float(np.sum(np.square(original, dtype=np.float64)))
+        self.noise += float(np.sum(np.square(original.astype(np.float64) - restored.astype(np.float64))))
+
+    def sqnr_db(self) -> float:
+        """The SQNR in dB (``inf`` when quantization is exact on the observed values)."""
+        if self.noise == 0:
+            return float("inf")
+        return float(10 * np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")

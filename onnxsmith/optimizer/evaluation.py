@@ -18,6 +18,10 @@ from tqdm import tqdm
 
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.models.base import Feed, ZooModel
+from onnxsmith.optimizer.layer_fidelity import activation_sqnr
+
+LAYER_FEEDS = 16
+"""Feeds used for the per-layer activation SQNR."""
 
 
 @dataclass
@@ -27,12 +31,15 @@ class Evaluation:
     ``metrics`` holds the zoo model's own figures (empty for non-zoo models); ``output_sqnr_db`` the
     signal-to-quantization-noise ratio of each float output over all feeds (``inf`` when identical);
     ``latency_ms`` the median single-feed latency of each model on the first feed (onnxruntime CPU, all graph
-    optimizations on); ``size_bytes`` the files' sizes including external data.
+    optimizations on); ``size_bytes`` the files' sizes including external data; ``activation_sqnr_db`` the SQNR
+    of each activation the candidate quantizes, measured on FP32 activations of the first ``LAYER_FEEDS`` feeds
+    (empty when the candidate quantizes no activation).
     """
 
     feeds: int
     metrics: dict[str, float] = field(default_factory=dict)
     output_sqnr_db: dict[str, float] = field(default_factory=dict)
+    activation_sqnr_db: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +89,10 @@ def evaluate(
         "candidate": median_latency_ms(cand_session, feeds[0], latency_runs),
     }
     result.size_bytes = {"reference": model_file_size(reference), "candidate": model_file_size(candidate)}
+    candidate_model = onnx.load(str(candidate))
+    if any(node.op_type == "QuantizeLinear" for node in candidate_model.graph.node):
+        result.activation_sqnr_db = activation_sqnr(onnx.load(str(reference)), candidate_model,
+                                                    feeds[:LAYER_FEEDS], progress=progress)
     return result
 
 

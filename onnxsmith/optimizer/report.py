@@ -74,7 +74,27 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| latency, {which} (ms) | {value:.2f} |")
         for which, value in evaluation["size_bytes"].items():
             lines.append(f"| size, {which} (MB) | {value / 1e6:.2f} |")
+    lines += _layer_table(data)
     return "\n".join(lines) + "\n"
+
+
+def _layer_table(data: dict[str, Any]) -> list[str]:
+    """Per-layer SQNR of quantized weights (from the pass details) and activations (from the evaluation), worst
+    first."""
+    rows = [
+        (detail["tensor"], "weight", detail["sqnr_db"])
+        for record in data["passes"]
+        for detail in record.get("details", [])
+        if detail.get("kind") == "weight" and "sqnr_db" in detail
+    ]
+    evaluation = data.get("evaluation") or {}
+    rows += [(name, "activation", value) for name, value in evaluation.get("activation_sqnr_db", {}).items()]
+    if not rows:
+        return []
+    rows.sort(key=lambda row: float(row[2]))
+    lines = ["", "## Per-layer SQNR (worst first)", "", "| tensor | kind | SQNR (dB) |", "|---|---|---|"]
+    lines += [f"| `{name}` | {kind} | {_fmt(value)} |" for name, kind, value in rows]
+    return lines
 
 
 def _fmt(value: Any) -> str:
