@@ -151,3 +151,25 @@ def test_zoo_vit_digits_cleanup_end_to_end(tmp_path, monkeypatch, capsys):
     assert metrics["top1_agreement"] == 1.0 and metrics["accuracy"] == metrics["accuracy_fp"] > 0.95
     assert data["evaluation"]["output_sqnr_db"]["logits"] == "inf"
     assert "top1_agreement" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_zoo_vit_digits_w8a8_end_to_end(tmp_path, act_dtype):
+    output = tmp_path / "q.onnx"
+    assert main(["zoo:vit-digits", "--recipe", "w8a8", "--act-dtype", act_dtype, "--calibrator", "percentile",
+                 "-o", str(output), "--report", str(tmp_path / "rep"), "-q"]) == 0
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    quantize = data["passes"][-1]
+    assert quantize["name"] == "int8-qdq" and quantize["calibration_seconds"] > 0
+    assert quantize["changes"]["weights_quantized"] == 10
+    assert data["evaluation"]["metrics"]["top1_agreement"] >= 0.98
+    assert len(data["evaluation"]["activation_sqnr_db"]) == quantize["changes"]["activations_quantized"]
+    model = onnx.load(output)
+    zero_point_types = {t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}
+    expected = onnx.TensorProto.UINT8 if act_dtype == "uint8" else onnx.TensorProto.INT8
+    assert expected in zero_point_types and "Per-layer SQNR" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_quantization_option_unknown_to_the_recipe_is_exit_2(model_file, capsys):
+    assert main([str(model_file), "--recipe", "cleanup", "--calibrator", "entropy"]) == 2
+    assert "has no pass that takes ['calibrator']" in capsys.readouterr().err
