@@ -173,3 +173,27 @@ def test_zoo_vit_digits_w8a8_end_to_end(tmp_path, act_dtype):
 def test_quantization_option_unknown_to_the_recipe_is_exit_2(model_file, capsys):
     assert main([str(model_file), "--recipe", "cleanup", "--calibrator", "entropy"]) == 2
     assert "has no pass that takes ['calibrator']" in capsys.readouterr().err
+
+
+def test_w8a8_without_calibration_data_warns_and_still_quantizes(model_file, tmp_path, caplog):
+    import logging
+
+    output = tmp_path / "q.onnx"
+    with caplog.at_level(logging.WARNING):
+        assert main([str(model_file), "--recipe", "w8a8", "-o", str(output), "-q"]) == 0
+    assert "NO CALIBRATION DATA" in caplog.text
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(output).graph.node)
+
+
+def test_w8a8_with_a_calibration_folder(model_file, tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        np.savez(folder / f"{index}.npz", x=rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    assert main([str(model_file), "--recipe", "w8a8", "--calib", str(folder), "-o", str(tmp_path / "q.onnx"),
+                 "--report", str(tmp_path / "rep"), "-q"]) == 0
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["passes"][-1]["changes"]["activations_quantized"] == 2

@@ -96,8 +96,8 @@ def optimize_file(
     The input file is never written. Calibration data (and the verification probes, its first feeds) come from
     ``calib`` (see :func:`load_calibration`) or the zoo's calibration set; without either, probes are generated
     and a recipe that needs calibration falls back to random inputs with a loud warning. ``pass_options``
-    override pass arguments of the recipe (e.g. ``{"calibrator": "entropy"}``). ``evaluate_model`` defaults to on for zoo models (their evaluation set and metric)
-    and off for files; for files it evaluates on the probe feeds.
+    override pass arguments of the recipe (e.g. ``{"calibrator": "entropy"}``). ``evaluate_model`` defaults to
+    on for zoo models (their evaluation set and metric) and off for files; for files it evaluates on the probes.
     """
     start = time.perf_counter()
     source = resolve_source(spec)
