@@ -10,7 +10,7 @@ from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.optimizer.manager import PassManager
 from onnxsmith.optimizer.pass_base import PassContext
 from onnxsmith.optimizer.recipes import load_recipe
-from onnxsmith.passes import QuantizeInt8
+from onnxsmith.passes import QuantizeInt8, ShapeInference
 
 
 def feeds_for(shape, count=4, seed=0):
@@ -146,3 +146,27 @@ def test_bad_options_are_rejected():
         QuantizeInt8(act_dtype="int4")
     with pytest.raises(ValueError, match="calibrator"):
         QuantizeInt8(calibrator="magic")
+
+
+def test_weight_behind_a_transpose_is_quantized_per_channel_before_the_transpose():
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((12, 16)).astype(np.float32)  # [vocab, hidden], read as MatMul(x, table^T)
+    model = graphs.make_model(
+        [
+            helper.make_node("Transpose", ["table"], ["table_t"], name="head_transpose", perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "table_t"], ["y"], name="lm_head"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    feeds = feeds_for((3, 16))
+    # Without constant folding: a large tied head keeps its Transpose (folding would duplicate the table).
+    result = PassManager([ShapeInference(), QuantizeInt8()]).run(model, PassContext(calibration_data=feeds))
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert nodes["head_transpose"].input[0] == "table_dequantized"
+    dq = nodes["table_DequantizeLinear"]
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0]  # one scale per vocabulary row = output channel
+    assert [n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"] == ["x"]

@@ -35,6 +35,7 @@ class Placement:
     """Where QDQ goes: weight inputs (node, input index, axis), activation tensors, and skipped nodes."""
 
     weights: list[tuple[gs.Node, int, int]] = field(default_factory=list)
+    """(node reading the constant weight, input index, output-channel axis)."""
     activations: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -139,17 +140,18 @@ class QuantizeInt8(Pass):
             return "input type is not float (or unknown: run shape-inference first)"
         if isinstance(data, gs.Constant):
             return "constant first input"
-        if isinstance(weight, gs.Constant):
-            axis = _weight_axis(node, weight)
-            if axis is None:
+        site = _weight_site(node)
+        if site is not None:
+            if site[2] is None:
                 return "weight layout not supported for per-channel quantization"
-            placement.weights.append((node, 1, axis))
+            placement.weights.append(site)
             activation_inputs = [0]
         elif node.op == "MatMul" and self.activation_matmuls:
             activation_inputs = [0, 1]
+        elif node.op == "MatMul":
+            return "activation x activation MatMul (activation_matmuls is off)"
         else:
-            return "activation x activation MatMul (activation_matmuls is off)" if node.op == "MatMul" else \
-                "non-constant weight"
+            return "non-constant weight"
         for index in activation_inputs:
             placement.activations.setdefault(node.inputs[index].name, []).append((node, index))
         return None
@@ -172,9 +174,28 @@ def _is_float(tensor: gs.Tensor) -> bool:
     return tensor.dtype is not None and np.dtype(tensor.dtype) in FLOAT_TYPES
 
 
-def _weight_axis(node: gs.Node, weight: gs.Constant) -> int | None:
-    """The output-channel axis of a constant weight, or None when per-channel QDQ does not fit it."""
-    rank = weight.values.ndim
+def _weight_site(node: gs.Node) -> tuple[gs.Node, int, int | None] | None:
+    """Where a node's constant weight enters: (reading node, input index, output-channel axis of the constant).
+
+    The weight is the node's second input, or for MatMul a ``Transpose`` of a constant (exporters write tied
+    LM heads that way): the DQ then goes before the Transpose, and MatMul's output channels are the
+    constant's axis ``perm[-1]``. ``None`` when the second input is an activation; the axis is ``None`` when
+    per-channel quantization does not fit the weight's layout.
+    """
+    weight = node.inputs[1]
+    if isinstance(weight, gs.Constant):
+        return node, 1, _weight_axis(node, weight.values.ndim)
+    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
+    if node.op == "MatMul" and producer is not None and producer.op == "Transpose" \
+            and isinstance(producer.inputs[0], gs.Constant):
+        rank = producer.inputs[0].values.ndim
+        perm = producer.attrs.get("perm", list(reversed(range(rank))))
+        return producer, 0, (perm[-1] if rank >= 2 else None)
+    return None
+
+
+def _weight_axis(node: gs.Node, rank: int) -> int | None:
+    """The output-channel axis of a constant weight of ``rank`` read directly by ``node``."""
     if node.op == "Conv":
         return 0 if rank >= 3 else None
     if node.op == "Gemm":
