@@ -150,3 +150,17 @@ def test_invalid_arguments() -> None:
         observer.observe(np.ones(3))
     with pytest.raises(TypeError, match="real numbers"):
         MinMaxObserver().observe(np.array(["a"]))
+
+
+def test_reservoir_keeps_everything_until_full_then_a_bounded_uniform_sample():
+    from onnxsmith.calibration.observers import ReservoirObserver
+
+    small = ReservoirObserver(capacity=100)
+    small.observe(np.arange(60, dtype=np.float32))
+    np.testing.assert_array_equal(small.sample, np.arange(60, dtype=np.float32))
+    big = ReservoirObserver(capacity=1000)
+    before = big.state_bytes()
+    for start in range(0, 100_000, 5_000):
+        big.observe(np.arange(start, start + 5_000, dtype=np.float32))
+    assert big.sample.size == 1000 and big.state_bytes() == before
+    assert 35_000 < big.sample.mean() < 65_000  # uniform over 0..99,999, not biased to the first batch

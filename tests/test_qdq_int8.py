@@ -170,3 +170,36 @@ def test_weight_behind_a_transpose_is_quantized_per_channel_before_the_transpose
     dq = nodes["table_DequantizeLinear"]
     assert [a.i for a in dq.attribute if a.name == "axis"] == [0]  # one scale per vocabulary row = output channel
     assert [n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
+
+
+def test_twin_uniform_fake_quant_form_matches_the_numpy_reference():
+    from onnx import TensorProto, helper
+
+    from onnxsmith.calibration.qparams import fake_quantize
+    from onnxsmith.calibration.twin_uniform import TwinParams, twin_fake_quantize
+
+    model = graphs.make_model(
+        [
+            helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+            helper.make_node("MatMul", ["p", "v"], ["y"], name="context"),
+        ],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 6, 6]),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])],
+    )
+    rng = np.random.default_rng(0)
+    feeds = [{"s": rng.standard_normal((1, 6, 6)).astype(np.float32) * 3,
+              "v": rng.standard_normal((1, 6, 4)).astype(np.float32)} for _ in range(4)]
+    result = PassManager([ShapeInference(), QuantizeInt8(twin=True)]).run(model, PassContext(calibration_data=feeds))
+    assert result.records[-1].changes["twin_uniform"] == 1
+    twin = next(d for d in result.records[-1].details if d.get("dtype") == "twin-softmax")
+    params = TwinParams(8, twin["delta_r1"], twin["delta_r2"], "softmax")
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    feed = feeds[0]
+    e = np.exp(feed["s"] - feed["s"].max(-1, keepdims=True))
+    probabilities = (e / e.sum(-1, keepdims=True)).astype(np.float32)
+    v_hat = fake_quantize(feed["v"], inits["v_scale"], inits["v_zero_point"], np.uint8)
+    expected = twin_fake_quantize(probabilities, params) @ v_hat
+    actual = run_session(create_session(result.model, optimize=False), feed)["y"]
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    assert not np.allclose(actual, probabilities @ feed["v"], atol=1e-5)  # it did quantize

@@ -221,3 +221,39 @@ class QuantizationNoiseObserver(Observer):
         if self.noise == 0:
             return float("inf")
         return float(10 * np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+
+
+class ReservoirObserver(Observer):
+    """A uniform random sample of at most ``capacity`` observed values (reservoir sampling, fixed seed).
+
+    Searches that need raw values (e.g. the twin-uniform step search) read ``sample``; memory is bounded by
+    ``capacity`` whatever the number of batches.
+    """
+
+    def __init__(self, capacity: int = 2**18, name: str | None = None, seed: int = 0) -> None:
+        super().__init__(name)
+        self.capacity = capacity
+        self._values = np.empty(capacity, dtype=np.float32)
+        self._filled = 0
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The sampled values (float32, at most ``capacity``)."""
+        return self._values[: self._filled]
+
+    def state_bytes(self) -> int:
+        return self._values.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        flat = values.ravel().astype(np.float32)
+        room = self.capacity - self._filled
+        head, tail = flat[:room], flat[room:]
+        self._values[self._filled : self._filled + head.size] = head
+        self._filled += head.size
+        if tail.size:
+            seen_before = self.count + head.size
+            positions = seen_before + np.arange(1, tail.size + 1)
+            keep = self._rng.random(tail.size) < self.capacity / positions
+            slots = self._rng.integers(0, self.capacity, int(keep.sum()))
+            self._values[slots] = tail[keep]

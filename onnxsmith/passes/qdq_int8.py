@@ -18,11 +18,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.observers import HistogramObserver, MinMaxObserver, Observer
+from onnxsmith.calibration.observers import HistogramObserver, MinMaxObserver, Observer, ReservoirObserver
 from onnxsmith.calibration.qparams import asymmetric_qparams, dequantize, quantize, symmetric_scale
 from onnxsmith.calibration.range_search import search_range
+from onnxsmith.calibration.twin_uniform import TwinParams, UniformRange, search_twin
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.patterns import find_activation_sites
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -38,12 +40,16 @@ class Placement:
     """(node reading the constant weight, input index, output-channel axis)."""
     activations: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    twin_layouts: dict[str, str] = field(default_factory=dict)
+    """Activations that get a twin-uniform quantizer instead, with their layout ('softmax' or 'gelu')."""
 
 
 class QuantizeInt8(Pass):
     """W8A8 QDQ insertion; see the module docstring for the placement rules.
 
-    ``calibrator`` picks the activation range search; ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
+    ``calibrator`` picks the activation range search. ``twin=True`` gives post-Softmax and post-GELU GEMM inputs
+    PTQ4ViT's 8-bit twin-uniform quantizer instead (fake-quant form: per branch ``Clip -> Q -> DQ`` with int8
+    zero point 0, joined by ``Where``; steps searched on a bounded sample by MSE). ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
     and ``exclude_regex`` (patterns matched against node names, e.g. ``"lm_head|router|gate$"``) keep nodes in
     float. ``activation_matmuls=False`` leaves MatMuls with two activation inputs (attention) in float.
     """
@@ -60,6 +66,7 @@ class QuantizeInt8(Pass):
         calibrator: str = "minmax",
         percentile: float = 99.999,
         activation_matmuls: bool = True,
+        twin: bool = False,
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         exclude_regex: Sequence[str] = (),
@@ -72,13 +79,17 @@ class QuantizeInt8(Pass):
         self.calibrator = calibrator
         self.percentile = percentile
         self.activation_matmuls = activation_matmuls
+        self.twin = twin
         self.exclude_nodes = set(exclude_nodes)
         self.exclude_ops = set(exclude_ops)
         self.exclude_patterns = [re.compile(p) for p in exclude_regex]
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         placement = self.place(import_graph(model))
-        return {name: self._observer(name) for name in placement.activations}
+        return {
+            name: ReservoirObserver(name=name) if name in placement.twin_layouts else self._observer(name)
+            for name in placement.activations
+        }
 
     def place(self, graph: gs.Graph) -> Placement:
         """Decide the QDQ placement for ``graph`` (no edits)."""
@@ -91,6 +102,10 @@ class QuantizeInt8(Pass):
                 reason = self._place_node(node, placement)
             if reason is not None:
                 placement.skipped[node.name] = reason
+        if self.twin:
+            for site in find_activation_sites(graph):
+                if site.kind in ("softmax", "gelu") and site.tensor.name in placement.activations:
+                    placement.twin_layouts[site.tensor.name] = site.kind
         return placement
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
@@ -107,17 +122,24 @@ class QuantizeInt8(Pass):
             node.inputs[index] = dequantized_weights[key]
         tensors = graph.tensors()
         for name, consumers in placement.activations.items():
-            scale, zero_point, value_range = self._activation_qparams(context.calibration[name])
-            dequantized = _insert_qdq(graph, tensors[name], scale, zero_point)
+            if name in placement.twin_layouts:
+                params = search_twin(context.calibration[name].sample, placement.twin_layouts[name], bits=8)
+                dequantized = _insert_twin(graph, tensors[name], params)
+                detail = {"tensor": name, "kind": "activation", "dtype": f"twin-{params.layout}",
+                          "delta_r1": params.delta_r1, "delta_r2": params.delta_r2, "split": params.split}
+            else:
+                scale, zero_point, value_range = self._activation_qparams(context.calibration[name])
+                dequantized = _insert_qdq(graph, tensors[name], scale, zero_point)
+                detail = {"tensor": name, "kind": "activation", "dtype": self.act_dtype, "range": value_range,
+                          "scale": float(scale), "zero_point": int(zero_point)}
             for node, index in consumers:
                 node.inputs[index] = dequantized
-            details.append({"tensor": name, "kind": "activation", "dtype": self.act_dtype, "range": value_range,
-                            "scale": float(scale), "zero_point": int(zero_point),
-                            "consumers": [node.name for node, _ in consumers]})
+            details.append({**detail, "consumers": [node.name for node, _ in consumers]})
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         changes = {
             "weights_quantized": len(dequantized_weights),
             "activations_quantized": len(placement.activations),
+            "twin_uniform": len(placement.twin_layouts),
             "nodes_skipped": len(placement.skipped),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
@@ -231,4 +253,38 @@ def _insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_po
                                inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear",
                                inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
+    return dequantized
+
+
+def _insert_twin(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> gs.Variable:
+    """``Where(x < split, DQ(Q(Clip(x) ; R1)), DQ(Q(Clip(x) ; R2)))``: the twin fake-quant form.
+
+    Both branches use int8 zero point 0 (TensorRT accepts only INT8 Q/DQ; every branch's levels fit int8); the
+    Clip bounds give the k-bit level ranges exactly (see ``calibration.twin_uniform``).
+    """
+    branches = []
+    for label, branch in (("r1", params.r1), ("r2", params.r2)):
+        branches.append(_clipped_qdq(graph, tensor, branch, f"{tensor.name}_twin_{label}"))
+    split = gs.Constant(f"{tensor.name}_twin_split", np.asarray(params.split, dtype=np.float32))
+    below = gs.Variable(f"{tensor.name}_twin_below", dtype=np.bool_, shape=tensor.shape)
+    output = gs.Variable(f"{tensor.name}_twin", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Less", f"{tensor.name}_twin_Less", inputs=[tensor, split], outputs=[below]))
+    graph.nodes.append(gs.Node("Where", f"{tensor.name}_twin_Where", inputs=[below, *branches], outputs=[output]))
+    return output
+
+
+def _clipped_qdq(graph: gs.Graph, tensor: gs.Variable, branch: UniformRange, prefix: str) -> gs.Variable:
+    low, high = branch.clip_bounds()
+    clipped = gs.Variable(f"{prefix}_clipped", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Clip", f"{prefix}_Clip", inputs=[
+        tensor, gs.Constant(f"{prefix}_low", np.asarray(low, np.float32)),
+        gs.Constant(f"{prefix}_high", np.asarray(high, np.float32))], outputs=[clipped]))
+    scale = gs.Constant(f"{prefix}_scale", np.asarray(branch.scale, dtype=np.float32))
+    zero_point = gs.Constant(f"{prefix}_zero_point", np.asarray(0, dtype=np.int8))
+    quantized = gs.Variable(f"{prefix}_quantized", dtype=np.int8, shape=tensor.shape)
+    dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
+                               inputs=[clipped, scale, zero_point], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
+                               inputs=[quantized, scale, zero_point], outputs=[dequantized]))
     return dequantized
