@@ -244,14 +244,17 @@ def _quantize_weight(graph: gs.Graph, weight: gs.Constant, axis: int) -> tuple[g
     return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8", "axis": axis, "sqnr_db": sqnr}
 
 
-def _insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray) -> gs.Variable:
-    scale_const = gs.Constant(f"{tensor.name}_scale", np.asarray(scale, dtype=np.float32))
-    zp_const = gs.Constant(f"{tensor.name}_zero_point", np.asarray(zero_point))
-    quantized = gs.Variable(f"{tensor.name}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
-    dequantized = gs.Variable(f"{tensor.name}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear",
+def _insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray,
+                prefix: str | None = None) -> gs.Variable:
+    """Append ``QuantizeLinear -> DequantizeLinear`` on ``tensor``; names start with ``prefix`` (the tensor's)."""
+    prefix = prefix or tensor.name
+    scale_const = gs.Constant(f"{prefix}_scale", np.asarray(scale, dtype=np.float32))
+    zp_const = gs.Constant(f"{prefix}_zero_point", np.asarray(zero_point))
+    quantized = gs.Variable(f"{prefix}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
+    dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
                                inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear",
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
                                inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
     return dequantized
 
@@ -274,17 +277,10 @@ def _insert_twin(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> gs
 
 
 def _clipped_qdq(graph: gs.Graph, tensor: gs.Variable, branch: UniformRange, prefix: str) -> gs.Variable:
+    """``DQ(Q(Clip(tensor)))`` for one twin branch, int8 with zero point 0."""
     low, high = branch.clip_bounds()
     clipped = gs.Variable(f"{prefix}_clipped", dtype=tensor.dtype, shape=tensor.shape)
     graph.nodes.append(gs.Node("Clip", f"{prefix}_Clip", inputs=[
         tensor, gs.Constant(f"{prefix}_low", np.asarray(low, np.float32)),
         gs.Constant(f"{prefix}_high", np.asarray(high, np.float32))], outputs=[clipped]))
-    scale = gs.Constant(f"{prefix}_scale", np.asarray(branch.scale, dtype=np.float32))
-    zero_point = gs.Constant(f"{prefix}_zero_point", np.asarray(0, dtype=np.int8))
-    quantized = gs.Variable(f"{prefix}_quantized", dtype=np.int8, shape=tensor.shape)
-    dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
-                               inputs=[clipped, scale, zero_point], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
-                               inputs=[quantized, scale, zero_point], outputs=[dequantized]))
-    return dequantized
+    return _insert_qdq(graph, clipped, branch.scale, np.int8(0), prefix)
