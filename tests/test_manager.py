@@ -126,3 +126,12 @@ def test_verification_runs_on_the_given_probe_feeds():
     assert result.records[0].verification["max_abs_error"] == 0.0
     with pytest.raises(PassError):
         PassManager([PerturbWeight()]).run(graphs.conv_bn_relu())
+
+
+def test_calibration_failure_names_the_pass():
+    from onnxsmith.passes import QuantizeInt8
+
+    bad_feeds = [{"x": np.full((1, 3, 8, 8), np.nan, dtype=np.float32)}]  # observers refuse NaN
+    with pytest.raises(PassError, match="calibration for pass 'int8-qdq' failed: .*NaN"):
+        PassManager([ShapeInference(), QuantizeInt8()], verify=False).run(
+            graphs.conv_bn_relu(), PassContext(calibration_data=bad_feeds))

@@ -178,7 +178,7 @@ class PassManager:
         try:
             context.calibration = collect(model, p.calibration_request(model), context.calibration_data,
                                           progress=context.progress)
-        except ValueError as exc:
+        except Exception as exc:  # onnxruntime and observer errors alike: name the pass, keep the cause
             raise PassError(f"calibration for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
         return time.perf_counter() - start
 
