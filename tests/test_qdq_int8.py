@@ -203,3 +203,25 @@ def test_twin_uniform_fake_quant_form_matches_the_numpy_reference():
     actual = run_session(create_session(result.model, optimize=False), feed)["y"]
     np.testing.assert_allclose(actual, expected, atol=1e-5)
     assert not np.allclose(actual, probabilities @ feed["v"], atol=1e-5)  # it did quantize
+
+
+@pytest.mark.parametrize("graph_name", ["attention_block", "matmul_add_gelu"])
+def test_dual_gemm_form_equals_the_fake_quant_form(graph_name):
+    build = getattr(graphs, graph_name)
+    feeds = feeds_for((2, 6, 16) if graph_name == "attention_block" else (2, 5, 16))
+    results = {
+        form: PassManager([ShapeInference(), QuantizeInt8(twin=True, twin_form=form)]).run(
+            build(), PassContext(calibration_data=feeds))
+        for form in ("fake-quant", "dual-gemm")
+    }
+    assert results["fake-quant"].records[-1].changes["twin_uniform"] == 1
+    dual = results["dual-gemm"].model
+    assert not any(n.op_type == "Where" and n.name.endswith("_twin_Where") for n in dual.graph.node)
+    assert sum(n.name.endswith("_parts_sum") for n in dual.graph.node) == 1
+    outputs = {form: run_session(create_session(r.model, optimize=False), feeds[0])["y"] for form, r in results.items()}
+    np.testing.assert_allclose(outputs["dual-gemm"], outputs["fake-quant"], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_twin_form_is_rejected():
+    with pytest.raises(ValueError, match="twin_form"):
+        QuantizeInt8(twin=True, twin_form="triple-gemm")

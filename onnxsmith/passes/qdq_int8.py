@@ -30,6 +30,7 @@ TARGET_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 ACT_DTYPES = {"uint8": np.uint8, "int8": np.int8}
+TWIN_FORMS = ("fake-quant", "dual-gemm")
 
 
 @dataclass
@@ -48,8 +49,10 @@ class QuantizeInt8(Pass):
     """W8A8 QDQ insertion; see the module docstring for the placement rules.
 
     ``calibrator`` picks the activation range search. ``twin=True`` gives post-Softmax and post-GELU GEMM inputs
-    PTQ4ViT's 8-bit twin-uniform quantizer instead (fake-quant form: per branch ``Clip -> Q -> DQ`` with int8
-    zero point 0, joined by ``Where``; steps searched on a bounded sample by MSE). ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
+    PTQ4ViT's 8-bit twin-uniform quantizer instead (steps searched on a bounded sample by MSE), in one of two
+    ``twin_form``s: ``"fake-quant"`` (per branch ``Clip -> Q -> DQ`` with int8 zero point 0, joined by
+    ``Where``) or ``"dual-gemm"`` (``X = X_R1 + X_R2``, each a plain QDQ tensor, so every consuming GEMM is
+    duplicated and summed: two integer GEMMs a runtime can fuse, no ``Where`` before the GEMM). ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
     and ``exclude_regex`` (patterns matched against node names, e.g. ``"lm_head|router|gate$"``) keep nodes in
     float. ``activation_matmuls=False`` leaves MatMuls with two activation inputs (attention) in float.
     """
@@ -67,6 +70,7 @@ class QuantizeInt8(Pass):
         percentile: float = 99.999,
         activation_matmuls: bool = True,
         twin: bool = False,
+        twin_form: str = "fake-quant",
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         exclude_regex: Sequence[str] = (),
@@ -79,7 +83,10 @@ class QuantizeInt8(Pass):
         self.calibrator = calibrator
         self.percentile = percentile
         self.activation_matmuls = activation_matmuls
+        if twin_form not in TWIN_FORMS:
+            raise ValueError(f"twin_form must be one of {list(TWIN_FORMS)}, got {twin_form!r}")
         self.twin = twin
+        self.twin_form = twin_form
         self.exclude_nodes = set(exclude_nodes)
         self.exclude_ops = set(exclude_ops)
         self.exclude_patterns = [re.compile(p) for p in exclude_regex]
@@ -121,12 +128,22 @@ class QuantizeInt8(Pass):
                 details.append(detail)
             node.inputs[index] = dequantized_weights[key]
         tensors = graph.tensors()
-        for name, consumers in placement.activations.items():
+        # Twin tensors last: the dual-GEMM form replaces their consumers, which must already read their other
+        # quantized inputs.
+        ordered = sorted(placement.activations.items(), key=lambda item: item[0] in placement.twin_layouts)
+        for name, consumers in ordered:
             if name in placement.twin_layouts:
                 params = search_twin(context.calibration[name].sample, placement.twin_layouts[name], bits=8)
-                dequantized = _insert_twin(graph, tensors[name], params)
                 detail = {"tensor": name, "kind": "activation", "dtype": f"twin-{params.layout}",
-                          "delta_r1": params.delta_r1, "delta_r2": params.delta_r2, "split": params.split}
+                          "form": self.twin_form, "delta_r1": params.delta_r1, "delta_r2": params.delta_r2,
+                          "split": params.split, "consumers": [node.name for node, _ in consumers]}
+                if self.twin_form == "dual-gemm":
+                    parts = _insert_twin_parts(graph, tensors[name], params)
+                    for node, index in consumers:
+                        _split_gemm(graph, node, index, parts)
+                    details.append(detail)
+                    continue
+                dequantized = _insert_twin(graph, tensors[name], params)
             else:
                 scale, zero_point, value_range = self._activation_qparams(context.calibration[name])
                 dequantized = _insert_qdq(graph, tensors[name], scale, zero_point)
@@ -274,6 +291,43 @@ def _insert_twin(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> gs
     graph.nodes.append(gs.Node("Less", f"{tensor.name}_twin_Less", inputs=[tensor, split], outputs=[below]))
     graph.nodes.append(gs.Node("Where", f"{tensor.name}_twin_Where", inputs=[below, *branches], outputs=[output]))
     return output
+
+
+def _insert_twin_parts(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> list[gs.Variable]:
+    """``[X_R1, X_R2]`` with ``X_R1 = QDQ_R1(Where(x < split, x, 0))`` and ``X_R2 = QDQ_R2(Where(x < split, 0, x))``.
+
+    Quantizing 0 gives 0 in both ranges, so ``X_R1 + X_R2`` equals the fake-quant form exactly.
+    """
+    split = gs.Constant(f"{tensor.name}_twin_split", np.asarray(params.split, dtype=np.float32))
+    zero = gs.Constant(f"{tensor.name}_twin_zero", np.zeros((), dtype=np.float32))
+    below = gs.Variable(f"{tensor.name}_twin_below", dtype=np.bool_, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Less", f"{tensor.name}_twin_Less", inputs=[tensor, split], outputs=[below]))
+    parts = []
+    for label, branch, inputs in (("r1", params.r1, [below, tensor, zero]), ("r2", params.r2, [below, zero, tensor])):
+        part = gs.Variable(f"{tensor.name}_twin_{label}_part", dtype=tensor.dtype, shape=tensor.shape)
+        graph.nodes.append(gs.Node("Where", f"{tensor.name}_twin_{label}_Where", inputs=inputs, outputs=[part]))
+        parts.append(_clipped_qdq(graph, part, branch, f"{tensor.name}_twin_{label}"))
+    return parts
+
+
+def _split_gemm(graph: gs.Graph, node: gs.Node, index: int, parts: list[gs.Variable]) -> None:
+    """Replace ``node`` (reading a twin tensor at ``index``) by one copy per part, summed with ``Add``.
+
+    Only the first copy of a Gemm keeps the bias ``C``, so it is added once.
+    """
+    output = node.outputs[0]
+    partials = []
+    for number, part in enumerate(parts):
+        inputs = list(node.inputs)
+        inputs[index] = part
+        if node.op == "Gemm" and number > 0:
+            inputs = inputs[:2]
+        partial = gs.Variable(f"{output.name}_part{number}", dtype=output.dtype, shape=output.shape)
+        graph.nodes.append(gs.Node(node.op, f"{node.name}_part{number}", dict(node.attrs), inputs, [partial]))
+        partials.append(partial)
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("Add", f"{node.name}_parts_sum", inputs=partials, outputs=[output]))
 
 
 def _clipped_qdq(graph: gs.Graph, tensor: gs.Variable, branch: UniformRange, prefix: str) -> gs.Variable:
