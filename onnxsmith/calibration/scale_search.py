@@ -1,0 +1,439 @@
+"""PTQ4ViT layer-wise scale search for a linear layer ``O = X @ W`` (numpy only).
+
+Metrics compare a layer's float output ``O`` with its quantized output ``Ô``; lower is always better:
+
+* ``"mse"``: mean over elements of ``(Ô - O)**2``.
+* ``"cosine"``: ``1 - cos(vec(O), vec(Ô))`` in ``[0, 2]`` (0 best). Both all-zero counts as identical (0),
+  exactly one all-zero as orthogonal (1).
+* ``"hessian"``: PTQ4ViT's Hessian-guided metric, mean over elements of ``(G * (Ô - O))**2`` with
+  ``G = dL/dO`` of ``O``'s shape, i.e. ``E[(Ô - O)^T diag(G**2) (Ô - O)]``. ``G = 1`` gives ``"mse"``.
+
+Search (:func:`search_layer`). Weights and activations use k-bit symmetric quantization with zero point 0 and
+levels ``-2**(k-1) .. 2**(k-1)-1`` in qparams' ONNX-exact arithmetic (float32 division, round half to even).
+Each searched step runs over PTQ4ViT's grid ``Δ0 * (alpha + i * (beta - alpha) / n)``, i = 0..n, with
+``Δ0 = max|.| / (2**(k-1) - 0.5)`` (per output channel for per-channel weights). Each round searches the
+weight steps with the activation step fixed, then the activation step with the weights fixed. The current
+step is always a candidate too (listed first, so it wins ties): no step raises the metric, so the recorded
+history is non-increasing.
+
+Per-channel weights: ``"mse"`` and ``"hessian"`` are sums over output columns, and column ``c`` of ``Ô``
+depends only on column ``c`` of ``W``; each channel's step is therefore chosen independently on its own
+column's error, which jointly minimises the layer metric. ``"cosine"`` does not separate over columns, so all
+channels share one grid multiplier ``i`` (step ``Δ0_c * (alpha + i * (beta - alpha) / n)`` for channel c),
+chosen on the whole-layer metric.
+
+Activation quantizers plug in through :class:`ActQuantizer`: :class:`UniformActQuantizer` (the default) and
+:class:`TwinActQuantizer` (PTQ4ViT twin-uniform; the searched step is ``Δ_R1`` for the softmax layout and
+``Δ_R2`` for the gelu layout).
+
+Memory. Calibration rows are processed ``chunk_rows`` at a time and every candidate is evaluated on a chunk
+before the next, accumulating float64 per-column sufficient statistics. Beyond the inputs (``X`` and ``W`` held
+as float32, ``G`` as float64: copies when given in other dtypes), peak memory is roughly
+``28*r*K + 16*r*N + 32*K*N + 24*(n+2)*N`` bytes for ``r = chunk_rows`` (quantizing the chunk's input with its
+temporaries; the chunk's float and quantized outputs and float64 error; the float and quantizing weights; the
+statistics), independent of the number of tokens. Each chunk recomputes its float output and the candidates'
+quantized weights (a ``K*N`` elementwise pass per candidate, small next to the ``r*K*N`` GEMM for large ``r``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from onnxsmith.calibration.qparams import dequantize, quantize
+from onnxsmith.calibration.twin_uniform import (
+    Layout,
+    TwinParams,
+    gelu_r1_delta,
+    initial_delta,
+    search_grid,
+    softmax_r1_candidates,
+    twin_fake_quantize,
+)
+
+MetricName = Literal["mse", "cosine", "hessian"]
+Metric = Callable[..., float]
+METRICS: tuple[str, ...] = ("mse", "cosine", "hessian")
+DEFAULT_CHUNK_ROWS = 4096
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class _MetricSpec:
+    """A metric as per-column sufficient statistics (``[S, N]`` float64 sums over rows) and their reduction.
+
+    ``reduce(stats, count)`` takes the statistics of ``count`` elements; ``separable`` metrics have ``S = 1``
+    and a reduction monotone in the column sums, so minimising each column minimises the metric.
+    """
+
+    column_stats: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+    reduce: Callable[[np.ndarray, int], float]
+    n_stats: int
+    separable: bool
+    needs_grad: bool
+
+
+def _squared_error_stats(output: np.ndarray, quantized: np.ndarray, grad: np.ndarray | None) -> np.ndarray:
+    """Per-column ``sum((grad * (quantized - output))**2)`` (``grad = 1`` when None), shape ``[1, N]``."""
+    diff = np.subtract(quantized, output, dtype=np.float64)
+    if grad is not None:
+        diff *= grad
+    return np.einsum("tn,tn->n", diff, diff)[None]
+
+
+def _cosine_stats(output: np.ndarray, quantized: np.ndarray, grad: np.ndarray | None) -> np.ndarray:
+    """Per-column ``[sum(O*Ô), sum(O*O), sum(Ô*Ô)]``, shape ``[3, N]``; ``grad`` is unused."""
+    o, q = output.astype(np.float64), quantized.astype(np.float64)
+    return np.stack([np.einsum("tn,tn->n", o, q), np.einsum("tn,tn->n", o, o), np.einsum("tn,tn->n", q, q)])
+
+
+def _mean_reduce(stats: np.ndarray, count: int) -> float:
+    return float(stats.sum() / count)
+
+
+def _cosine_reduce(stats: np.ndarray, count: int) -> float:
+    dot, norm_o, norm_q = stats.sum(axis=1)
+    if norm_o == 0 or norm_q == 0:
+        return 0.0 if norm_o == norm_q else 1.0
+    return float(1.0 - dot / np.sqrt(norm_o * norm_q))
+
+
+_SPECS: dict[str, _MetricSpec] = {
+    "mse": _MetricSpec(_squared_error_stats, _mean_reduce, 1, separable=True, needs_grad=False),
+    "cosine": _MetricSpec(_cosine_stats, _cosine_reduce, 3, separable=False, needs_grad=False),
+    "hessian": _MetricSpec(_squared_error_stats, _mean_reduce, 1, separable=True, needs_grad=True),
+}
+
+
+def _spec(name: str) -> _MetricSpec:
+    if name not in _SPECS:
+        raise ValueError(f"unknown metric {name!r}; use one of {METRICS}")
+    return _SPECS[name]
+
+
+def _as_columns(a: ArrayLike) -> np.ndarray:
+    """``a`` as a 2-D ``[rows, columns]`` view, columns being the last axis (a 0-d/1-D array is one column)."""
+    a = np.asarray(a)
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(-1, 1)
+
+
+def _evaluate(spec: _MetricSpec, output: ArrayLike, quantized: ArrayLike, grad: ArrayLike | None = None) -> float:
+    output, quantized = np.asarray(output), np.asarray(quantized)
+    if output.shape != quantized.shape:
+        raise ValueError(f"output and quantized shapes differ: {output.shape} vs {quantized.shape}")
+    if spec.needs_grad:
+        if grad is None or np.shape(grad) != output.shape:
+            raise ValueError(f"the hessian metric needs a gradient of shape {output.shape}, got {np.shape(grad)}")
+        grad = _as_columns(np.asarray(grad, dtype=np.float64))
+    else:
+        grad = None
+    stats = spec.column_stats(_as_columns(output), _as_columns(quantized), grad)
+    return spec.reduce(stats, output.size)
+
+
+def mse(output: ArrayLike, quantized: ArrayLike) -> float:
+    """Mean over elements of ``(quantized - output)**2`` in float64; shapes must match."""
+    return _evaluate(_SPECS["mse"], output, quantized)
+
+
+def cosine(output: ArrayLike, quantized: ArrayLike) -> float:
+    """``1 - cosine similarity`` of the flattened tensors in float64: 0 best, 2 worst (lower is better).
+
+    Both all-zero counts as identical (0); exactly one all-zero as orthogonal (1).
+    """
+    return _evaluate(_SPECS["cosine"], output, quantized)
+
+
+def hessian(output: ArrayLike, quantized: ArrayLike, grad: ArrayLike) -> float:
+    """PTQ4ViT's Hessian-guided metric: mean over elements of ``(grad * (quantized - output))**2`` (float64).
+
+    ``grad = dL/dO`` must have ``output``'s shape; ``grad = 1`` everywhere gives :func:`mse`.
+    """
+    return _evaluate(_SPECS["hessian"], output, quantized, grad)
+
+
+def metric_fn(name: str) -> Metric:
+    """The metric ``name`` as ``f(output, quantized, grad=None) -> float`` (lower is better).
+
+    ``"mse"`` and ``"cosine"`` ignore ``grad``; ``"hessian"`` requires it. Raises ValueError for other names.
+    """
+    return partial(_evaluate, _spec(name))
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
+        raise ValueError(f"{what} must be an integer in [2, 16], got {bits!r}")
+
+
+def uniform_fake_quantize(x: ArrayLike, scale: ArrayLike, bits: int, axis: int | None = None) -> np.ndarray:
+    """Symmetric ``bits``-bit fake quantization, ``clip(rint(x / scale), -2**(bits-1), 2**(bits-1)-1) * scale``.
+
+    ONNX-exact (qparams' QuantizeLinear / DequantizeLinear in int8, or int16 for ``bits > 8``, zero point 0);
+    ``scale`` is a scalar (``axis=None``) or 1-D along ``axis``. Float32 out.
+    """
+    _check_bits(bits, "bits")
+    dtype = np.dtype(np.int8 if bits <= 8 else np.int16)
+    zero = np.zeros(np.shape(scale), dtype)
+    half = 2 ** (bits - 1)
+    q = np.clip(quantize(x, scale, zero, dtype, axis), -half, half - 1).astype(dtype)
+    return dequantize(q, scale, zero, axis)
+
+
+class ActQuantizer(Protocol):
+    """How :func:`search_layer` quantizes the activation X with one searched step.
+
+    ``fake_quantize`` must be elementwise (so evaluating row chunks is exact) and deterministic.
+    """
+
+    bits: int
+
+    def steps(self, x: np.ndarray, alpha: float, beta: float, n: int) -> tuple[float, np.ndarray]:
+        """``(initial step, candidate steps)`` for calibration inputs ``x``."""
+        ...
+
+    def fake_quantize(self, x: np.ndarray, step: float) -> np.ndarray:
+        """``x`` (float32) fake-quantized with the searched ``step``; float32, ``x``'s shape."""
+        ...
+
+    def params(self, step: float) -> float | TwinParams:
+        """The quantizer's parameters for ``step`` (what :class:`LayerScales` reports)."""
+        ...
+
+
+@dataclass(frozen=True)
+class UniformActQuantizer:
+    """Per-tensor symmetric ``bits``-bit uniform quantizer; initial step ``Δ0 = max|x| / (2**(bits-1) - 0.5)``."""
+
+    bits: int
+
+    def steps(self, x: np.ndarray, alpha: float, beta: float, n: int) -> tuple[float, np.ndarray]:
+        """``(Δ0, search_grid(Δ0, alpha, beta, n))``; needs ``max|x| > 0``."""
+        delta0 = initial_delta(float(np.abs(x).max(initial=0.0)), self.bits)
+        return delta0, search_grid(delta0, alpha, beta, n)
+
+    def fake_quantize(self, x: np.ndarray, step: float) -> np.ndarray:
+        return uniform_fake_quantize(x, np.float32(step), self.bits)
+
+    def params(self, step: float) -> float:
+        """The step as a float32-valued float."""
+        return float(np.float32(step))
+
+
+@dataclass(frozen=True)
+class TwinActQuantizer:
+    """PTQ4ViT twin-uniform quantizer (see :mod:`onnxsmith.calibration.twin_uniform`).
+
+    ``"softmax"``: the searched step is ``Δ_R1`` over :func:`softmax_r1_candidates` (``alpha``, ``beta``, ``n``
+    unused) with ``Δ_R2 = 1 / 2**(bits-1)``; initial step the coarsest candidate ``1 / 2**bits``.
+    ``"gelu"``: the searched step is ``Δ_R2`` over ``search_grid(initial_delta(max x))`` (initial step that
+    ``Δ0``; needs a positive sample) with ``Δ_R1 = gelu_r1_delta(Δ_R2)``.
+    """
+
+    layout: Layout
+    bits: int
+
+    def steps(self, x: np.ndarray, alpha: float, beta: float, n: int) -> tuple[float, np.ndarray]:
+        if self.layout == "softmax":
+            candidates = softmax_r1_candidates(self.bits)
+            return float(candidates[0]), candidates
+        top = float(x.max(initial=0.0))
+        if top <= 0:
+            raise ValueError("the gelu layout needs at least one positive sample to set its grid")
+        delta0 = initial_delta(top, self.bits)
+        return delta0, search_grid(delta0, alpha, beta, n)
+
+    def fake_quantize(self, x: np.ndarray, step: float) -> np.ndarray:
+        return twin_fake_quantize(x, self.params(step))
+
+    def params(self, step: float) -> TwinParams:
+        if self.layout == "softmax":
+            return TwinParams(self.bits, step, 1.0 / 2 ** (self.bits - 1), "softmax")
+        return TwinParams(self.bits, gelu_r1_delta(step, self.bits), step, "gelu")
+
+
+# ---------------------------------------------------------------- search
+
+
+@dataclass
+class LayerScales:
+    """Result of :func:`search_layer`.
+
+    ``weight_scale``: float32, shape ``[N]`` (per output channel) or ``()`` (per tensor).
+    ``act_scale``: the activation step (float) or, for a twin quantizer, its :class:`TwinParams`.
+    ``metric_value``: the layer metric at the returned scales (``history[-1]``).
+    ``history``: the metric at the initial steps, then after each weight and each activation search
+    (``2 * rounds + 1`` values, non-increasing).
+    """
+
+    weight_scale: np.ndarray
+    act_scale: float | TwinParams
+    metric_value: float
+    history: list[float]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A validated search problem: float32 ``x [T, K]``, ``w [K, N]``, float64 ``grad [T, N]`` or None."""
+
+    x: np.ndarray
+    w: np.ndarray
+    grad: np.ndarray | None
+    spec: _MetricSpec
+    chunk_rows: int
+
+    @property
+    def count(self) -> int:
+        return self.x.shape[0] * self.w.shape[1]
+
+
+def _candidate_stats(
+    problem: _Problem, n_candidates: int, outputs: Callable[[np.ndarray], Iterable[np.ndarray]]
+) -> np.ndarray:
+    """``[C, S, N]`` metric statistics of the ``C`` candidate outputs, accumulated chunk by chunk.
+
+    ``outputs(x_chunk)`` yields each candidate's quantized output for the chunk, in candidate order.
+    """
+    stats = np.zeros((n_candidates, problem.spec.n_stats, problem.w.shape[1]))
+    for start in range(0, problem.x.shape[0], problem.chunk_rows):
+        rows = slice(start, start + problem.chunk_rows)
+        reference = problem.x[rows] @ problem.w
+        grad = None if problem.grad is None else problem.grad[rows]
+        for i, quantized in enumerate(outputs(problem.x[rows])):
+            stats[i] += problem.spec.column_stats(reference, quantized, grad)
+    return stats
+
+
+def _weight_grid(
+    w: np.ndarray, bits: int, per_channel: bool, alpha: float, beta: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(Δ0 [N], grid [n + 1, N])``, float32: grid row i is ``Δ0 * (alpha + i * (beta - alpha) / n)``.
+
+    ``Δ0 = max|w| / (2**(bits-1) - 0.5)`` per output column (per_channel) or over the whole tensor; an
+    all-zero column or tensor gets ``Δ0 = 1`` (every step quantizes it exactly).
+    """
+    amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max(initial=0.0))
+    delta0 = [initial_delta(float(a), bits) if a > 0 else 1.0 for a in amax]
+    grid = np.stack([search_grid(d, alpha, beta, n) for d in delta0], axis=1)
+    return np.asarray(delta0, dtype=np.float32), grid
+
+
+def _search_weights(
+    problem: _Problem, act: ActQuantizer, act_step: float, candidates: np.ndarray, bits: int, per_column: bool
+) -> tuple[np.ndarray, float, float]:
+    """Best ``[N]`` weight steps among the rows of ``candidates`` ``[C, N]`` with the activation fixed.
+
+    ``per_column``: each column takes its own best row (separable metrics); otherwise one row for all.
+    Ties go to the earliest row. Returns the steps, the layer metric at them and at row 0.
+    """
+
+    def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
+        xq = act.fake_quantize(x_chunk, act_step)
+        for scale in candidates:
+            yield xq @ uniform_fake_quantize(problem.w, scale, bits, axis=1)
+
+    stats = _candidate_stats(problem, len(candidates), outputs)
+    first = problem.spec.reduce(stats[0], problem.count)
+    if per_column:
+        columns = np.arange(candidates.shape[1])
+        best = np.argmin(stats[:, 0, :], axis=0)
+        return candidates[best, columns], problem.spec.reduce(stats[best, :, columns].T, problem.count), first
+    values = [problem.spec.reduce(s, problem.count) for s in stats]
+    best_row = int(np.argmin(values))
+    return candidates[best_row], values[best_row], first
+
+
+def _search_act(
+    problem: _Problem, act: ActQuantizer, candidates: np.ndarray, w_scale: np.ndarray, bits: int
+) -> tuple[float, float]:
+    """Best activation step among ``candidates`` with the weights fixed (ties: earliest); step and metric."""
+    wq = uniform_fake_quantize(problem.w, w_scale, bits, axis=1)
+
+    def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
+        for step in candidates:
+            yield act.fake_quantize(x_chunk, float(step)) @ wq
+
+    stats = _candidate_stats(problem, len(candidates), outputs)
+    values = [problem.spec.reduce(s, problem.count) for s in stats]
+    best = int(np.argmin(values))
+    return float(candidates[best]), values[best]
+
+
+def _problem(X: ArrayLike, W: ArrayLike, G: ArrayLike | None, metric: str, chunk_rows: int | None) -> _Problem:
+    spec = _spec(metric)
+    x, w = np.asarray(X, dtype=np.float32), np.asarray(W, dtype=np.float32)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need X [tokens > 0, K] and W [K, N], got {x.shape} and {w.shape}")
+    grad = None
+    if spec.needs_grad:
+        if G is None or np.shape(G) != (x.shape[0], w.shape[1]):
+            raise ValueError(f"the hessian metric needs G of shape {(x.shape[0], w.shape[1])}, got {np.shape(G)}")
+        grad = np.asarray(G, dtype=np.float64)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _Problem(x, w, grad, spec, chunk_rows or x.shape[0])
+
+
+def search_layer(
+    X: ArrayLike,
+    W: ArrayLike,
+    *,
+    w_bits: int,
+    a_bits: int,
+    metric: MetricName = "mse",
+    G: ArrayLike | None = None,
+    n: int = 100,
+    alpha: float = 0.01,
+    beta: float = 1.2,
+    rounds: int = 3,
+    per_channel_weights: bool = True,
+    act_quantizer: ActQuantizer | None = None,
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+) -> LayerScales:
+    """PTQ4ViT's alternating scale search for ``O = X @ W`` (see the module docstring).
+
+    ``X [tokens, K]`` are calibration inputs, ``W [K, N]`` the weight (both used as float32), ``G [tokens, N]``
+    the output gradient (required by, and only used by, ``metric="hessian"``). Weights get ``w_bits``-bit
+    symmetric steps, per output channel when ``per_channel_weights``; the activation uses ``act_quantizer``
+    (default ``UniformActQuantizer(a_bits)``, per tensor), whose ``bits`` must equal ``a_bits``. Candidates
+    come from the grid ``(alpha, beta, n)``; ``rounds >= 1`` rounds of weight-then-activation search start
+    from the initial steps ``Δ0``. ``chunk_rows`` bounds the rows evaluated at once (None: all); the result
+    does not depend on it except for float64 summation order. Raises ValueError on bad shapes, bits, metric
+    or a missing ``G``, and when ``X`` is all zero.
+    """
+    _check_bits(w_bits, "w_bits")
+    _check_bits(a_bits, "a_bits")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    act = UniformActQuantizer(a_bits) if act_quantizer is None else act_quantizer
+    if act.bits != a_bits:
+        raise ValueError(f"act_quantizer.bits = {act.bits} differs from a_bits = {a_bits}")
+    problem = _problem(X, W, G, metric, chunk_rows)
+    w_scale, grid = _weight_grid(problem.w, w_bits, per_channel_weights, alpha, beta, n)
+    act_step, act_grid = act.steps(problem.x, alpha, beta, n)
+    per_column = per_channel_weights and problem.spec.separable
+
+    history: list[float] = []
+    for _ in range(rounds):
+        candidates = np.vstack([w_scale, grid])
+        w_scale, value, initial = _search_weights(problem, act, act_step, candidates, w_bits, per_column)
+        if not history:
+            history.append(initial)
+        history.append(value)
+        act_step, value = _search_act(problem, act, np.concatenate([[act_step], act_grid]), w_scale, w_bits)
+        history.append(value)
+    return LayerScales(
+        weight_scale=w_scale if per_channel_weights else np.float32(w_scale[0]).reshape(()),
+        act_scale=act.params(act_step),
+        metric_value=history[-1],
+        history=history,
+    )
