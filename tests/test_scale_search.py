@@ -8,16 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from onnxsmith.calibration.metrics import METRICS, cosine, hessian, metric_fn, mse
 from onnxsmith.calibration.qparams import fake_quantize
 from onnxsmith.calibration.scale_search import (
-    METRICS,
     LayerScales,
     TwinActQuantizer,
     UniformActQuantizer,
-    cosine,
-    hessian,
-    metric_fn,
-    mse,
     search_layer,
     uniform_fake_quantize,
 )

@@ -10,14 +10,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxsmith.calibration.metrics import cosine, mse
 from onnxsmith.calibration.qparams import dequantize, quantize
 from onnxsmith.calibration.twin_uniform import (
     GELU_MIN,
     TwinParams,
     gelu_r1_delta,
     initial_delta,
-    mse,
-    negative_cosine,
     search_grid,
     search_twin,
     softmax_r1_candidates,
@@ -324,13 +323,13 @@ def test_gelu_r1_delta_covers_minimum_finest(bits: int) -> None:
 def test_metrics() -> None:
     a = np.array([1.0, 2.0, 3.0], np.float32)
     assert mse(a, a) == 0 and mse(a, a + 1) == 1
-    assert negative_cosine(a, 2 * a) == pytest.approx(-1)
-    assert negative_cosine(a, -a) == pytest.approx(1)
-    assert negative_cosine(np.zeros(3), np.zeros(3)) == -1 and negative_cosine(a, np.zeros(3)) == 0
+    assert cosine(a, 2 * a) == pytest.approx(0)
+    assert cosine(a, -a) == pytest.approx(2)
+    assert cosine(np.zeros(3), np.zeros(3)) == 0 and cosine(a, np.zeros(3)) == 1
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("metric", [mse, negative_cosine])
+@pytest.mark.parametrize("metric", [mse, cosine])
 def test_search_softmax_recovers_grid(bits: int, metric) -> None:
     half = 2 ** (bits - 1)
     d1 = 1 / 2 ** (bits + 3)

@@ -38,6 +38,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+from onnxsmith.calibration.metrics import mse
 from onnxsmith.calibration.qparams import dequantize, quantize
 
 Layout = Literal["softmax", "gelu"]
@@ -193,25 +194,6 @@ def gelu_r1_delta(delta_r2: float, bits: int) -> float:
     while float(np.ldexp(reach, -(m + 1))) >= -GELU_MIN:
         m += 1
     return float(np.ldexp(d2, -m))
-
-
-def mse(reference: np.ndarray, quantized: np.ndarray) -> float:
-    """Mean squared error in float64 (lower is better)."""
-    diff = np.asarray(quantized, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    return float(np.mean(diff * diff))
-
-
-def negative_cosine(reference: np.ndarray, quantized: np.ndarray) -> float:
-    """Minus the cosine similarity of the flattened tensors, in float64 (lower is better, -1 is best).
-
-    Both all-zero counts as identical (-1); exactly one all-zero as orthogonal (0).
-    """
-    a = np.asarray(reference, dtype=np.float64).ravel()
-    b = np.asarray(quantized, dtype=np.float64).ravel()
-    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
-    if norm_a == 0 or norm_b == 0:
-        return -1.0 if norm_a == norm_b else 0.0
-    return float(-np.dot(a, b) / (norm_a * norm_b))
 
 
 def search_twin(
