@@ -96,9 +96,7 @@ def random_calibration(model: onnx.ModelProto, count: int = RANDOM_FEEDS) -> lis
 
 def validate_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec], where: str) -> None:
     """Raise :class:`UserError` unless ``feed`` matches ``specs`` exactly (names, dtypes, ranks, fixed dims)."""
-    missing, extra = sorted(set(specs) - set(feed)), sorted(set(feed) - set(specs))
-    if missing or extra:
-        raise UserError(f"{where}: inputs do not match the model's {sorted(specs)}: missing {missing}, unexpected {extra}")
+    _check_names(feed, specs, where)
     for name, spec in specs.items():
         array = feed[name]
         if not isinstance(array, np.ndarray):
@@ -119,6 +117,12 @@ def validate_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]
             raise UserError(f"{where}: input {name!r} contains NaN or Inf")
 
 
+def _check_names(names: Mapping[str, object], specs: Mapping[str, InputSpec], where: str) -> None:
+    missing, extra = sorted(set(specs) - set(names)), sorted(set(names) - set(specs))
+    if missing or extra:
+        raise UserError(f"{where}: inputs do not match the model's {sorted(specs)}: missing {missing}, unexpected {extra}")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -128,9 +132,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _split_samples(arrays: dict[str, np.ndarray], specs: Mapping[str, InputSpec], label: str) -> list[Feed]:
-    missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
-    if missing or extra:
-        raise UserError(f"{label}: inputs do not match the model's {sorted(specs)}: missing {missing}, unexpected {extra}")
+    _check_names(arrays, specs, label)
     counts = {name: (array.shape[0] if array.ndim else 0) for name, array in arrays.items()}
     if len(set(counts.values())) != 1:
         raise UserError(f"{label}: inputs have different sample counts (first axis): {counts}")

@@ -151,7 +151,7 @@ class PassManager:
         record = PassRecord(p.name, p.lossless, seconds, result.modified, nodes_before, len(model.graph.node),
                             dict(result.changes), calibration_seconds=calibration_seconds,
                             details=list(result.details))
-        if reference is None or not (result.modified or not p.lossless):
+        if reference is None or (p.lossless and not result.modified):
             return model, record, reference
         try:
             after = reference_outputs(model, probes)

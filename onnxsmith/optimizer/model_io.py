@@ -17,7 +17,6 @@ from google.protobuf.message import DecodeError
 
 from onnxsmith.errors import UserError, first_line
 
-PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 """Models whose tensors add up to more than this are written with external data."""
 EXTERNAL_TENSOR_MIN_BYTES = 1024

@@ -32,10 +32,6 @@ class ModelSource:
     spec: str
     zoo: ZooModel | None
 
-    @property
-    def label(self) -> str:
-        return self.spec
-
     def path(self) -> Path:
         """The ONNX file to read (exports zoo models into the cache on first use)."""
         if self.zoo is not None:

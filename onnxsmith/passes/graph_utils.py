@@ -29,11 +29,6 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def node_count(graph: gs.Graph) -> int:
-    """Nodes in the main graph (subgraphs not counted)."""
-    return len(graph.nodes)
-
-
 def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
     """The main graph followed by every nested subgraph (If/Loop/Scan bodies, recursively)."""
     return [graph, *graph.subgraphs(recursive=True)]
