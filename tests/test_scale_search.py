@@ -249,7 +249,7 @@ def test_default_act_quantizer_is_uniform() -> None:
         (dict(metric="l2"), "unknown metric"),
         (dict(act_quantizer=UniformActQuantizer(6)), "differs from a_bits"),
         (dict(w_bits=1), "w_bits"),
-        (dict(rounds=0), "rounds"),
+        (dict(rounds=-1), "rounds"),
         (dict(chunk_rows=0), "chunk_rows"),
         (dict(W=np.ones((3, 2), np.float32)), "need X"),
         (dict(X=np.zeros((4, 12), np.float32)), "x_absmax"),

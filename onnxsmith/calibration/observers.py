@@ -257,3 +257,32 @@ class ReservoirObserver(Observer):
             keep = self._rng.random(tail.size) < self.capacity / positions
             slots = self._rng.integers(0, self.capacity, int(keep.sum()))
             self._values[slots] = tail[keep]
+
+
+class SampleObserver(Observer):
+    """The first ``max_samples`` observed arrays, whole and in order (float32 copies).
+
+    Searches that need aligned raw samples of several tensors (a layer's input rows and its output gradient
+    rows) read ``samples``: observers of different tensors fed the same feeds in the same order keep the same
+    feeds. Memory is bounded by ``max_samples`` times the largest observed array.
+    """
+
+    def __init__(self, max_samples: int = 32, name: str | None = None) -> None:
+        super().__init__(name)
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.max_samples = max_samples
+        self.samples: list[np.ndarray] = []
+
+    def rows(self) -> np.ndarray:
+        """The samples as one float32 ``[rows, last axis]`` matrix (all leading axes flattened into rows)."""
+        if not self.samples:
+            raise ValueError(f"{self._label()} observed nothing")
+        return np.concatenate([s.reshape(-1, s.shape[-1]) for s in self.samples])
+
+    def state_bytes(self) -> int:
+        return sum(s.nbytes for s in self.samples)
+
+    def _update(self, values: np.ndarray) -> None:
+        if len(self.samples) < self.max_samples:
+            self.samples.append(values.astype(np.float32))

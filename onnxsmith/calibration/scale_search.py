@@ -291,15 +291,15 @@ def search_layer(
     the output gradient (required by, and only used by, ``metric="hessian"``). Weights get ``w_bits``-bit
     symmetric steps, per output channel when ``per_channel_weights``; the activation uses ``act_quantizer``
     (default ``UniformActQuantizer(a_bits)``, per tensor), whose ``bits`` must equal ``a_bits``. Candidates
-    come from the grid ``(alpha, beta, n)``; ``rounds >= 1`` rounds of weight-then-activation search start
-    from the initial steps ``Δ0``. ``chunk_rows`` bounds the rows evaluated at once (None: all); the result
+    come from the grid ``(alpha, beta, n)``; ``rounds`` rounds of weight-then-activation search start
+    from the initial steps ``Δ0`` (``rounds=0``: the initial steps, ``history`` their metric alone). ``chunk_rows`` bounds the rows evaluated at once (None: all); the result
     does not depend on it except for float64 summation order. Raises ValueError on bad shapes, bits, metric
     or a missing ``G``, and when ``X`` is all zero.
     """
     _check_bits(w_bits, "w_bits")
     _check_bits(a_bits, "a_bits")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
     act = UniformActQuantizer(a_bits) if act_quantizer is None else act_quantizer
     if act.bits != a_bits:
         raise ValueError(f"act_quantizer.bits = {act.bits} differs from a_bits = {a_bits}")
@@ -309,6 +309,8 @@ def search_layer(
     per_column = per_channel_weights and problem.spec.separable
 
     history: list[float] = []
+    if rounds == 0:
+        history.append(_search_weights(problem, act, act_step, w_scale[None], w_bits, per_column)[1])
     for _ in range(rounds):
         candidates = np.vstack([w_scale, grid])
         w_scale, value, initial = _search_weights(problem, act, act_step, candidates, w_bits, per_column)
@@ -323,3 +325,79 @@ def search_layer(
         metric_value=history[-1],
         history=history,
     )
+
+
+# ---------------------------------------------------------------- activation x activation MatMul
+
+
+@dataclass
+class MatMulScales:
+    """Result of :func:`search_activation_matmul`: each input's step (float) or :class:`TwinParams`, the metric
+    at them and its history (initial, then after each input's search; non-increasing)."""
+
+    a_scale: float | TwinParams
+    b_scale: float | TwinParams
+    metric_value: float
+    history: list[float]
+
+
+def search_activation_matmul(
+    A: list[np.ndarray],
+    B: list[np.ndarray],
+    *,
+    bits: int,
+    metric: MetricName = "mse",
+    G: list[np.ndarray] | None = None,
+    quantizers: tuple[ActQuantizer, ActQuantizer] | None = None,
+    n: int = 100,
+    alpha: float = 0.01,
+    beta: float = 1.2,
+    rounds: int = 3,
+) -> MatMulScales:
+    """PTQ4ViT's alternating search for ``O = A @ B`` with two per-tensor quantized activations.
+
+    ``A``, ``B`` and ``G`` (``dL/dO``, for ``metric="hessian"`` only) are aligned lists of per-sample arrays
+    (``numpy.matmul`` shapes; samples may differ in size, e.g. sequence length). ``quantizers`` default to
+    ``UniformActQuantizer(bits)`` for both inputs (e.g. pass a softmax :class:`TwinActQuantizer` for
+    attention probabilities). Each of ``rounds`` rounds searches A's step with B fixed, then B's with A fixed,
+    over the current step followed by the quantizer's grid (ties keep the earliest); ``rounds=0`` returns the
+    initial steps. The metric treats O as one flat column (samples may differ in every axis, e.g. attention
+    scores ``[heads, T, T]`` of sequences of different lengths).
+    """
+    _check_bits(bits, "bits")
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    spec = metric_spec(metric)
+    qa, qb = quantizers or (UniformActQuantizer(bits), UniformActQuantizer(bits))
+    a = [np.asarray(x, dtype=np.float32) for x in A]
+    b = [np.asarray(x, dtype=np.float32) for x in B]
+    if not a or len(a) != len(b):
+        raise ValueError(f"need equally many (> 0) A and B samples, got {len(a)} and {len(b)}")
+    references = [x @ y for x, y in zip(a, b)]
+    grads: list[np.ndarray | None] = [None] * len(a)
+    if spec.needs_grad:
+        if G is None or len(G) != len(a) or any(np.shape(g) != o.shape for g, o in zip(G, references)):
+            raise ValueError("the hessian metric needs one G per sample, each of A @ B's shape")
+        grads = [np.asarray(g, dtype=np.float64).reshape(-1, 1) for g in G]
+    count = sum(o.size for o in references)
+    step_a, grid_a = qa.steps(np.concatenate([x.ravel() for x in a]), alpha, beta, n)
+    step_b, grid_b = qb.steps(np.concatenate([x.ravel() for x in b]), alpha, beta, n)
+
+    def values(candidates: np.ndarray, search_a: bool) -> list[float]:
+        stats = np.zeros((len(candidates), spec.n_stats, 1))
+        for x, y, reference, grad in zip(a, b, references, grads):
+            fixed = qb.fake_quantize(y, step_b) if search_a else qa.fake_quantize(x, step_a)
+            for i, step in enumerate(candidates):
+                out = qa.fake_quantize(x, float(step)) @ fixed if search_a else fixed @ qb.fake_quantize(y, float(step))
+                stats[i] += spec.column_stats(reference.reshape(-1, 1), out.reshape(-1, 1), grad)
+        return [spec.reduce(s, count) for s in stats]
+
+    history = [values(np.asarray([step_a]), True)[0]]
+    for _ in range(rounds):
+        scores = values(np.concatenate([[step_a], grid_a]), True)
+        step_a = float(np.concatenate([[step_a], grid_a])[int(np.argmin(scores))])
+        history.append(min(scores))
+        scores = values(np.concatenate([[step_b], grid_b]), False)
+        step_b = float(np.concatenate([[step_b], grid_b])[int(np.argmin(scores))])
+        history.append(min(scores))
+    return MatMulScales(qa.params(step_a), qb.params(step_b), history[-1], history)

@@ -40,7 +40,7 @@ Attrs = dict[str, Any]
 OpFn = Callable[[Inputs, Attrs], Sequence[Tensor]]
 LossFn = Callable[[Mapping[str, Tensor]], Tensor]
 
-__all__ = ["TorchGraph", "distillation_mse", "pseudo_label_cross_entropy"]
+__all__ = ["TorchGraph", "contrastive_distillation", "distillation_mse", "pseudo_label_cross_entropy"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -476,5 +476,23 @@ def distillation_mse(output_name: str, target: np.ndarray) -> LossFn:
 
     def loss(outputs: Mapping[str, Tensor]) -> Tensor:
         return F.mse_loss(outputs[output_name], target_tensor)
+
+    return loss
+
+
+def contrastive_distillation(output_name: str, bank: np.ndarray, offset: int, temperature: float = 0.05) -> LossFn:
+    """InfoNCE of output rows ``[batch, D]`` against a ``bank [M, D]`` of FP embeddings (all calibration rows).
+
+    Row ``i`` of the output must match bank row ``offset + i``: the loss is the mean cross-entropy of the cosine
+    similarities to every bank row over ``temperature``. The bank spans other samples, so the softmax is not
+    one-hot and the gradient at the FP model is non-zero, weighting what keeps embeddings apart.
+    """
+    normalized_bank = F.normalize(torch.as_tensor(np.asarray(bank, dtype=np.float32)), dim=-1)
+
+    def loss(outputs: Mapping[str, Tensor]) -> Tensor:
+        rows = outputs[output_name].reshape(-1, normalized_bank.shape[-1])
+        logits = F.normalize(rows, dim=-1) @ normalized_bank.T / temperature
+        targets = torch.arange(offset, offset + rows.shape[0])
+        return F.cross_entropy(logits, targets)
 
     return loss

@@ -29,6 +29,9 @@ class ZooModel(ABC):
     description: str
     metric: str
     """One line saying what ``score`` measures, e.g. 'cosine of sentence embeddings'."""
+    task: str = "classification"
+    """What the model does: ``classification``, ``embedding`` or ``causal-lm``; optimize_file writes it to the
+    model's ``onnxsmith.task`` metadata, which picks the gradient loss of Hessian-guided calibration."""
     version: str = "1"
     extra: str | None = None
     """The pip extra that holds this model's packages (``None`` when the core install suffices)."""

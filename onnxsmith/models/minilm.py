@@ -78,6 +78,7 @@ class MiniLM(ZooModel):
     """
 
     name = "minilm"
+    task = "embedding"
     description = "all-MiniLM-L6-v2 sentence embeddings (BERT, 6 layers, hidden 384), mean pooled + L2 normalised"
     metric = "cosine of sentence embeddings vs FP32 on 100 pydoc sentences"
     version = "1"

@@ -262,6 +262,7 @@ class MoeTiny(ZooModel):
     """
 
     name = "moe-tiny"
+    task = "causal-lm"
     description = "tiny Hunyuan-Large-style MoE byte decoder (GQA + cross-layer KV sharing, shared + 4 top-1 experts)"
     metric = "next-byte perplexity and top-1 agreement on pydoc text"
     version = "1"

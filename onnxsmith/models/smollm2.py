@@ -91,6 +91,7 @@ class SmolLM2(ZooModel):
     """
 
     name = "smollm2"
+    task = "causal-lm"
     description = "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, vocab 49152), no KV cache"
     metric = "perplexity on 80 x 256 pydoc tokens, and top-1 agreement with FP32"
     version = "1"

@@ -22,6 +22,8 @@ examples:
   optimize model.onnx --calib data.npz           verify on your own inputs (one array per input)
   optimize zoo:minilm --recipe w8a8 --calibrator percentile   INT8 QDQ, uint8 activations
   optimize model.onnx --recipe w8a8 --act-dtype int8 --exclude lm_head --calib data.npz
+  optimize zoo:vit-digits --recipe ptq4vit --wbits 6 --abits 6   PTQ4ViT (Hessian search + twin-uniform)
+  optimize zoo:minilm --recipe base-ptq --wbits 4 --abits 8 --metric mse
   optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
   optimize --list-recipes | --list-zoo
 
@@ -56,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                               help="activation type: uint8 (onnxruntime CPU speed) or int8 (TensorRT, zero point 0)")
     quantization.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
                               help="activation range search")
+    quantization.add_argument("--wbits", type=int, choices=range(4, 9), metavar="{4..8}",
+                              help="weight bits (base-ptq, ptq4vit)")
+    quantization.add_argument("--abits", type=int, choices=range(4, 9), metavar="{4..8}",
+                              help="activation bits (base-ptq, ptq4vit)")
+    quantization.add_argument("--metric", choices=["mse", "cosine", "hessian"],
+                              help="layer-wise scale search metric (base-ptq, ptq4vit)")
+    quantization.add_argument("--twin", action=argparse.BooleanOptionalAction, default=None,
+                              help="twin-uniform quantizers on post-Softmax/GELU GEMM inputs")
+    quantization.add_argument("--twin-form", choices=["fake-quant", "dual-gemm"],
+                              help="ONNX form of twin-uniform tensors (dual-gemm: two integer GEMMs)")
+    quantization.add_argument("--loss", choices=["auto", "pseudo-label", "contrastive"],
+                              help="loss whose gradients weight the hessian metric (auto: from the model's task)")
     quantization.add_argument("--exclude", metavar="REGEX", action="append", default=[],
                               help="keep nodes whose name matches REGEX in float (repeatable), e.g. 'lm_head|router'")
     quantization.add_argument("--exclude-op", metavar="OP", action="append", default=[],
@@ -141,6 +155,9 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
         options["act_dtype"] = args.act_dtype
     if args.calibrator:
         options["calibrator"] = args.calibrator
+    for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.exclude:
         options["exclude_regex"] = args.exclude
     if args.exclude_op:

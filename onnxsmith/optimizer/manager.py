@@ -18,6 +18,7 @@ import onnx
 
 from onnxsmith import __version__
 from onnxsmith.calibration.collection import collect
+from onnxsmith.calibration.gradients import collect_gradients
 from onnxsmith.errors import PassError, first_line
 from onnxsmith.models.base import Feed, Outputs
 from onnxsmith.optimizer.model_io import check_model
@@ -171,13 +172,17 @@ class PassManager:
 
     @staticmethod
     def _calibrate(p: Pass, model: onnx.ModelProto, context: PassContext, where: str) -> float:
-        """Run the observers ``p`` asks for over the calibration data; returns the seconds it took."""
+        """Run the observers ``p`` asks for (activations, then loss gradients) over the calibration data; returns
+        the seconds it took."""
         if not p.needs_calibration:
             return 0.0
         start = time.perf_counter()
         try:
             context.calibration = collect(model, p.calibration_request(model), context.calibration_data,
                                           progress=context.progress)
+            request = p.gradient_request(model)
+            context.gradients = None if request is None else collect_gradients(
+                model, request.observers, context.calibration_data, loss=request.loss, progress=context.progress)
         except Exception as exc:  # onnxruntime and observer errors alike: name the pass, keep the cause
             raise PassError(f"calibration for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
         return time.perf_counter() - start

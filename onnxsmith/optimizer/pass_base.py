@@ -41,7 +41,18 @@ class PassContext:
 
     calibration_data: Sequence[Feed] | None = None
     calibration: Mapping[str, Observer] | None = None
+    gradients: Mapping[str, Observer] | None = None
+    """Observers of loss gradients ``dL/dT`` the pass asked for with :meth:`Pass.gradient_request`."""
     progress: bool = True
+
+
+@dataclass
+class GradientRequest:
+    """Observers keyed by the tensor ``T`` whose gradient ``dL/dT`` each must watch, and the loss ``L``
+    (a name from :data:`onnxsmith.calibration.gradients.LOSSES`)."""
+
+    observers: dict[str, Observer]
+    loss: str = "auto"
 
 
 @dataclass
@@ -87,6 +98,11 @@ class Pass(ABC):
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         """Observers keyed by the tensor each must watch; called by the manager for passes that need calibration."""
         return {}
+
+    def gradient_request(self, model: onnx.ModelProto) -> GradientRequest | None:
+        """Loss gradients the pass needs besides activations (None: none); the manager collects them with
+        :func:`onnxsmith.calibration.gradients.collect_gradients` over the same calibration feeds."""
+        return None
 
     @abstractmethod
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
+from onnxsmith.calibration.gradients import TASK_KEY, model_task
 from onnxsmith.calibration.readers import CalibrationSource, load_calibration, random_calibration
 from onnxsmith.errors import UserError
 from onnxsmith.models.base import ZooModel
@@ -102,6 +105,8 @@ def optimize_file(
     output_path = Path(output) if output is not None else default_output_path(source)
     _refuse_overwriting_input(input_path, output_path)
     model = load_model(input_path)
+    if source.zoo is not None:
+        _set_task(model, source.zoo.task)
     passes = recipe_obj.build(pass_options)
     calibration = None
     if calib is not None:
@@ -125,6 +130,12 @@ def optimize_file(
         evaluation = evaluate(input_path, output_path, file_eval_feeds, progress=progress)
     return OptimizeResult(spec, input_path, output_path, recipe_obj, result.records, result.unverified_reason,
                           evaluation, time.perf_counter() - start)
+
+
+def _set_task(model: onnx.ModelProto, task: str) -> None:
+    """Record a zoo model's task in its ``onnxsmith.task`` metadata unless the model already names one."""
+    if model_task(model) is None:
+        model.metadata_props.add(key=TASK_KEY, value=task)
 
 
 def _refuse_overwriting_input(input_path: Path, output_path: Path) -> None:

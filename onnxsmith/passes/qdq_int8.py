@@ -19,15 +19,23 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.observers import HistogramObserver, MinMaxObserver, Observer, ReservoirObserver
-from onnxsmith.calibration.qparams import asymmetric_qparams, dequantize, quantize, symmetric_scale
+from onnxsmith.calibration.qparams import asymmetric_qparams, symmetric_scale
 from onnxsmith.calibration.range_search import search_range
-from onnxsmith.calibration.twin_uniform import TwinParams, UniformRange, search_twin
+from onnxsmith.calibration.twin_uniform import search_twin
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
 from onnxsmith.passes.patterns import find_activation_sites
+from onnxsmith.passes.qdq_nodes import (
+    insert_qdq,
+    insert_twin,
+    insert_twin_parts,
+    is_float,
+    quantize_weight,
+    split_gemm,
+    weight_site,
+)
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
-FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 ACT_DTYPES = {"uint8": np.uint8, "int8": np.int8}
 TWIN_FORMS = ("fake-quant", "dual-gemm")
@@ -124,7 +132,7 @@ class QuantizeInt8(Pass):
             weight = node.inputs[index]
             key = (weight.name, axis)
             if key not in dequantized_weights:
-                dequantized_weights[key], detail = _quantize_weight(graph, weight, axis)
+                dequantized_weights[key], detail = quantize_weight(graph, weight, axis)
                 details.append(detail)
             node.inputs[index] = dequantized_weights[key]
         tensors = graph.tensors()
@@ -138,15 +146,15 @@ class QuantizeInt8(Pass):
                           "form": self.twin_form, "delta_r1": params.delta_r1, "delta_r2": params.delta_r2,
                           "split": params.split, "consumers": [node.name for node, _ in consumers]}
                 if self.twin_form == "dual-gemm":
-                    parts = _insert_twin_parts(graph, tensors[name], params)
+                    parts = insert_twin_parts(graph, tensors[name], params)
                     for node, index in consumers:
-                        _split_gemm(graph, node, index, parts)
+                        split_gemm(graph, node, index, parts)
                     details.append(detail)
                     continue
-                dequantized = _insert_twin(graph, tensors[name], params)
+                dequantized = insert_twin(graph, tensors[name], params)
             else:
                 scale, zero_point, value_range = self._activation_qparams(context.calibration[name])
-                dequantized = _insert_qdq(graph, tensors[name], scale, zero_point)
+                dequantized = insert_qdq(graph, tensors[name], scale, zero_point)
                 detail = {"tensor": name, "kind": "activation", "dtype": self.act_dtype, "range": value_range,
                           "scale": float(scale), "zero_point": int(zero_point)}
             for node, index in consumers:
@@ -175,11 +183,11 @@ class QuantizeInt8(Pass):
 
     def _place_node(self, node: gs.Node, placement: Placement) -> str | None:
         data, weight = node.inputs[0], node.inputs[1]
-        if not _is_float(data) or not _is_float(weight):
+        if not is_float(data) or not is_float(weight):
             return "input type is not float (or unknown: run shape-inference first)"
         if isinstance(data, gs.Constant):
             return "constant first input"
-        site = _weight_site(node)
+        site = weight_site(node)
         if site is not None:
             if site[2] is None:
                 return "weight layout not supported for per-channel quantization"
@@ -207,134 +215,3 @@ class QuantizeInt8(Pass):
             return scale, np.int8(0), [float(lo), float(hi)]
         scale, zero_point = asymmetric_qparams(lo, hi, np.uint8)
         return np.float32(scale), np.uint8(zero_point), [float(lo), float(hi)]
-
-
-def _is_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is not None and np.dtype(tensor.dtype) in FLOAT_TYPES
-
-
-def _weight_site(node: gs.Node) -> tuple[gs.Node, int, int | None] | None:
-    """Where a node's constant weight enters: (reading node, input index, output-channel axis of the constant).
-
-    The weight is the node's second input, or for MatMul a ``Transpose`` of a constant (exporters write tied
-    LM heads that way): the DQ then goes before the Transpose, and MatMul's output channels are the
-    constant's axis ``perm[-1]``. ``None`` when the second input is an activation; the axis is ``None`` when
-    per-channel quantization does not fit the weight's layout.
-    """
-    weight = node.inputs[1]
-    if isinstance(weight, gs.Constant):
-        return node, 1, _weight_axis(node, weight.values.ndim)
-    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
-    if node.op == "MatMul" and producer is not None and producer.op == "Transpose" \
-            and isinstance(producer.inputs[0], gs.Constant):
-        rank = producer.inputs[0].values.ndim
-        perm = producer.attrs.get("perm", list(reversed(range(rank))))
-        return producer, 0, (perm[-1] if rank >= 2 else None)
-    return None
-
-
-def _weight_axis(node: gs.Node, rank: int) -> int | None:
-    """The output-channel axis of a constant weight of ``rank`` read directly by ``node``."""
-    if node.op == "Conv":
-        return 0 if rank >= 3 else None
-    if node.op == "Gemm":
-        return (0 if node.attrs.get("transB", 0) else 1) if rank == 2 else None
-    return rank - 1 if rank >= 2 else None
-
-
-def _quantize_weight(graph: gs.Graph, weight: gs.Constant, axis: int) -> tuple[gs.Variable, dict]:
-    values = weight.values.astype(np.float32)
-    reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
-    amax = np.abs(values).max(axis=reduce_axes)
-    scale = symmetric_scale(amax, bits=8).astype(np.float32)
-    zero_point = np.zeros_like(scale, dtype=np.int8)
-    quantized = quantize(values, scale, zero_point, np.int8, axis=axis)
-    restored = dequantize(quantized, scale, zero_point, axis=axis)
-    q_const = gs.Constant(f"{weight.name}_int8", quantized)
-    scale_const = gs.Constant(f"{weight.name}_scale", scale)
-    zp_const = gs.Constant(f"{weight.name}_zero_point", zero_point)
-    output = gs.Variable(f"{weight.name}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{weight.name}_DequantizeLinear",
-                               attrs={"axis": axis}, inputs=[q_const, scale_const, zp_const], outputs=[output]))
-    noise = float(np.sum((values - restored) ** 2))
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
-    return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8", "axis": axis, "sqnr_db": sqnr}
-
-
-def _insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray,
-                prefix: str | None = None) -> gs.Variable:
-    """Append ``QuantizeLinear -> DequantizeLinear`` on ``tensor``; names start with ``prefix`` (the tensor's)."""
-    prefix = prefix or tensor.name
-    scale_const = gs.Constant(f"{prefix}_scale", np.asarray(scale, dtype=np.float32))
-    zp_const = gs.Constant(f"{prefix}_zero_point", np.asarray(zero_point))
-    quantized = gs.Variable(f"{prefix}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
-    dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
-                               inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
-                               inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
-    return dequantized
-
-
-def _insert_twin(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> gs.Variable:
-    """``Where(x < split, DQ(Q(Clip(x) ; R1)), DQ(Q(Clip(x) ; R2)))``: the twin fake-quant form.
-
-    Both branches use int8 zero point 0 (TensorRT accepts only INT8 Q/DQ; every branch's levels fit int8); the
-    Clip bounds give the k-bit level ranges exactly (see ``calibration.twin_uniform``).
-    """
-    branches = []
-    for label, branch in (("r1", params.r1), ("r2", params.r2)):
-        branches.append(_clipped_qdq(graph, tensor, branch, f"{tensor.name}_twin_{label}"))
-    split = gs.Constant(f"{tensor.name}_twin_split", np.asarray(params.split, dtype=np.float32))
-    below = gs.Variable(f"{tensor.name}_twin_below", dtype=np.bool_, shape=tensor.shape)
-    output = gs.Variable(f"{tensor.name}_twin", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("Less", f"{tensor.name}_twin_Less", inputs=[tensor, split], outputs=[below]))
-    graph.nodes.append(gs.Node("Where", f"{tensor.name}_twin_Where", inputs=[below, *branches], outputs=[output]))
-    return output
-
-
-def _insert_twin_parts(graph: gs.Graph, tensor: gs.Variable, params: TwinParams) -> list[gs.Variable]:
-    """``[X_R1, X_R2]`` with ``X_R1 = QDQ_R1(Where(x < split, x, 0))`` and ``X_R2 = QDQ_R2(Where(x < split, 0, x))``.
-
-    Quantizing 0 gives 0 in both ranges, so ``X_R1 + X_R2`` equals the fake-quant form exactly.
-    """
-    split = gs.Constant(f"{tensor.name}_twin_split", np.asarray(params.split, dtype=np.float32))
-    zero = gs.Constant(f"{tensor.name}_twin_zero", np.zeros((), dtype=np.float32))
-    below = gs.Variable(f"{tensor.name}_twin_below", dtype=np.bool_, shape=tensor.shape)
-    graph.nodes.append(gs.Node("Less", f"{tensor.name}_twin_Less", inputs=[tensor, split], outputs=[below]))
-    parts = []
-    for label, branch, inputs in (("r1", params.r1, [below, tensor, zero]), ("r2", params.r2, [below, zero, tensor])):
-        part = gs.Variable(f"{tensor.name}_twin_{label}_part", dtype=tensor.dtype, shape=tensor.shape)
-        graph.nodes.append(gs.Node("Where", f"{tensor.name}_twin_{label}_Where", inputs=inputs, outputs=[part]))
-        parts.append(_clipped_qdq(graph, part, branch, f"{tensor.name}_twin_{label}"))
-    return parts
-
-
-def _split_gemm(graph: gs.Graph, node: gs.Node, index: int, parts: list[gs.Variable]) -> None:
-    """Replace ``node`` (reading a twin tensor at ``index``) by one copy per part, summed with ``Add``.
-
-    Only the first copy of a Gemm keeps the bias ``C``, so it is added once.
-    """
-    output = node.outputs[0]
-    partials = []
-    for number, part in enumerate(parts):
-        inputs = list(node.inputs)
-        inputs[index] = part
-        if node.op == "Gemm" and number > 0:
-            inputs = inputs[:2]
-        partial = gs.Variable(f"{output.name}_part{number}", dtype=output.dtype, shape=output.shape)
-        graph.nodes.append(gs.Node(node.op, f"{node.name}_part{number}", dict(node.attrs), inputs, [partial]))
-        partials.append(partial)
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.append(gs.Node("Add", f"{node.name}_parts_sum", inputs=partials, outputs=[output]))
-
-
-def _clipped_qdq(graph: gs.Graph, tensor: gs.Variable, branch: UniformRange, prefix: str) -> gs.Variable:
-    """``DQ(Q(Clip(tensor)))`` for one twin branch, int8 with zero point 0."""
-    low, high = branch.clip_bounds()
-    clipped = gs.Variable(f"{prefix}_clipped", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("Clip", f"{prefix}_Clip", inputs=[
-        tensor, gs.Constant(f"{prefix}_low", np.asarray(low, np.float32)),
-        gs.Constant(f"{prefix}_high", np.asarray(high, np.float32))], outputs=[clipped]))
-    return _insert_qdq(graph, clipped, branch.scale, np.int8(0), prefix)

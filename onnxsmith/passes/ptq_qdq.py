@@ -1,0 +1,294 @@
+"""Lossy: k-bit QDQ whose steps PTQ4ViT's layer-wise search picks (base PTQ, Hessian-guided, twin-uniform).
+
+Placement follows ``int8-qdq`` (Conv/Gemm/MatMul with a constant weight, also behind a ``Transpose``, and
+activation x activation MatMuls; the same exclusions), but every layer is quantized on its own, as PTQ4ViT's
+per-layer quantizers are: its own per-output-channel weight steps and one QDQ group per activation input (a
+tensor read by three projections gets three groups, each with its layer's step).
+
+Search (:mod:`onnxsmith.calibration.scale_search`): weight layers ``O = X @ W`` run :func:`search_layer`,
+activation x activation MatMuls :func:`search_activation_matmul`, with ``metric`` ``"mse"``, ``"cosine"`` or
+``"hessian"`` (``G = dL/dO`` from :mod:`onnxsmith.calibration.gradients` with ``loss``), on the first
+``samples`` calibration feeds, over the grid ``Δ0 * (alpha + i (beta - alpha) / n)`` for ``rounds`` alternating
+rounds (``rounds=0``: the initial max-based steps, no search). Conv layers are searched as their im2col GEMM
+(2-D, ungrouped, explicit symmetric padding); Gemm with ``transA`` reads its transposed input. Any other
+layout keeps the initial steps and is reported as not searched.
+
+Numerics: weights are ``wbits``-bit symmetric (levels ``±2**(wbits-1)``, stored in int8 with zero point 0);
+activations ``abits``-bit symmetric per tensor, stored as ``act_dtype`` (uint8 with zero point 128 for
+onnxruntime's fast CPU kernels, or int8 with zero point 0 for TensorRT; same values), below 8 bits narrowed by a
+float ``Clip`` before the pair. With ``twin=True`` post-Softmax and post-GELU inputs get PTQ4ViT's
+``abits``-bit twin-uniform quantizer in ``twin_form`` ``"fake-quant"`` or ``"dual-gemm"`` (see ``int8-qdq``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+import torch.nn.functional as F
+
+from onnxsmith.calibration.gradients import LOSSES
+from onnxsmith.calibration.metrics import METRICS
+from onnxsmith.calibration.observers import Observer, SampleObserver
+from onnxsmith.calibration.scale_search import (
+    ActQuantizer,
+    TwinActQuantizer,
+    UniformActQuantizer,
+    search_activation_matmul,
+    search_layer,
+)
+from onnxsmith.calibration.twin_uniform import TwinParams, initial_delta
+from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, PassResult
+from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, QuantizeInt8
+from onnxsmith.passes.qdq_nodes import (
+    insert_symmetric_qdq,
+    insert_twin,
+    insert_twin_parts,
+    quantize_weight,
+    split_gemm,
+    weight_site,
+)
+
+MIN_BITS, MAX_BITS = 4, 8
+
+
+@dataclass
+class Layer:
+    """One quantized node: its activation input indices and, for weight layers, where the weight enters."""
+
+    node: gs.Node
+    act_inputs: list[int]
+    weight: tuple[gs.Node, int, int] | None
+    """(node reading the constant, input index, output-channel axis of the constant), as in ``weight_site``."""
+
+
+@dataclass
+class LayerPlan:
+    """A layer's chosen steps: per-channel weight steps (weight layers) and each activation input's step."""
+
+    weight_scale: np.ndarray | None
+    act_params: dict[int, float | TwinParams]
+    searched: bool
+    metric_value: float | None
+
+
+class PtqQuantize(Pass):
+    """k-bit QDQ with PTQ4ViT's layer-wise scale search; see the module docstring."""
+
+    name = "ptq-qdq"
+    description = "k-bit QDQ with PTQ4ViT layer-wise scale search (mse/cosine/hessian metric, optional twin-uniform)"
+    lossless = False
+    needs_calibration = True
+    min_opset = 13
+
+    def __init__(
+        self,
+        wbits: int = 8,
+        abits: int = 8,
+        metric: str = "cosine",
+        twin: bool = False,
+        twin_form: str = "fake-quant",
+        act_dtype: str = "uint8",
+        loss: str = "auto",
+        rounds: int = 3,
+        n: int = 100,
+        alpha: float = 0.01,
+        beta: float = 1.2,
+        samples: int = 32,
+        activation_matmuls: bool = True,
+        exclude_nodes: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        exclude_regex: Sequence[str] = (),
+    ) -> None:
+        for label, bits in (("wbits", wbits), ("abits", abits)):
+            if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"{label} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        if twin_form not in TWIN_FORMS:
+            raise ValueError(f"twin_form must be one of {list(TWIN_FORMS)}, got {twin_form!r}")
+        if act_dtype not in ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {sorted(ACT_DTYPES)}, got {act_dtype!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if rounds < 0 or n < 1 or samples < 1 or not 0 < alpha <= beta:
+            raise ValueError(f"need rounds >= 0, n >= 1, samples >= 1, 0 < alpha <= beta; got "
+                             f"rounds={rounds}, n={n}, samples={samples}, alpha={alpha}, beta={beta}")
+        self.wbits, self.abits = wbits, abits
+        self.metric, self.loss = metric, loss
+        self.twin, self.twin_form, self.act_dtype = twin, twin_form, act_dtype
+        self.rounds, self.n, self.alpha, self.beta, self.samples = rounds, n, alpha, beta, samples
+        self.placer = QuantizeInt8(activation_matmuls=activation_matmuls, twin=twin, exclude_nodes=exclude_nodes,
+                                   exclude_ops=exclude_ops, exclude_regex=exclude_regex)
+
+    # ------------------------------------------------------------------ calibration
+
+    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
+        layers, _ = self.layers(import_graph(model))
+        names = {layer.node.inputs[i].name for layer in layers for i in layer.act_inputs}
+        return {name: SampleObserver(self.samples, name=name) for name in names}
+
+    def gradient_request(self, model: onnx.ModelProto) -> GradientRequest | None:
+        if self.metric != "hessian":
+            return None
+        layers, _ = self.layers(import_graph(model))
+        names = {layer.node.outputs[0].name for layer in layers}
+        return GradientRequest({name: SampleObserver(self.samples, name=name) for name in names}, self.loss)
+
+    def layers(self, graph: gs.Graph) -> tuple[list[Layer], dict[str, str]]:
+        """The layers to quantize in graph order, and the twin layout ('softmax'/'gelu') of twin tensors."""
+        placement = self.placer.place(graph)
+        reads: dict[str, list[int]] = {}
+        for consumers in placement.activations.values():
+            for node, index in consumers:
+                reads.setdefault(node.name, []).append(index)
+        layers = []
+        for node in graph.nodes:
+            if node.name in reads:
+                site = weight_site(node)
+                layers.append(Layer(node, sorted(reads[node.name]), site if site and site[2] is not None else None))
+        return layers, placement.twin_layouts
+
+    # ------------------------------------------------------------------ rewrite
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        graph = import_graph(model)
+        layers, twin_layouts = self.layers(graph)
+        details: list[dict] = []
+        searched = 0
+        for layer in layers:
+            quantizers = {i: self._act_quantizer(layer.node.inputs[i].name, twin_layouts) for i in layer.act_inputs}
+            plan = self._plan(layer, quantizers, context)
+            searched += plan.searched
+            details += self._emit(graph, layer, plan)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        changes = {
+            "layers_quantized": len(layers),
+            "layers_searched": searched,
+            "twin_uniform_inputs": sum(1 for d in details if str(d.get("dtype", "")).startswith("twin")),
+            "wbits": self.wbits,
+            "abits": self.abits,
+            "metric": self.metric if self.rounds else "none",
+        }
+        placement = self.placer.place(import_graph(model))
+        details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
+        modified = bool(layers)
+        return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
+
+    def _act_quantizer(self, tensor: str, twin_layouts: dict[str, str]) -> ActQuantizer:
+        if tensor in twin_layouts:
+            return TwinActQuantizer(twin_layouts[tensor], self.abits)  # type: ignore[arg-type]
+        return UniformActQuantizer(self.abits)
+
+    def _plan(self, layer: Layer, quantizers: dict[int, ActQuantizer], context: PassContext) -> LayerPlan:
+        samples = {i: context.calibration[layer.node.inputs[i].name].samples for i in layer.act_inputs}
+        grads = None
+        if self.metric == "hessian":
+            grads = context.gradients[layer.node.outputs[0].name].samples
+        options = dict(metric=self.metric, n=self.n, alpha=self.alpha, beta=self.beta, rounds=self.rounds)
+        if layer.weight is None:
+            a, b = layer.act_inputs
+            result = search_activation_matmul(samples[a], samples[b], bits=self.abits, G=grads,
+                                              quantizers=(quantizers[a], quantizers[b]), **options)
+            return LayerPlan(None, {a: result.a_scale, b: result.b_scale}, self.rounds > 0, result.metric_value)
+        (index,) = layer.act_inputs
+        matrices = _as_gemm(layer, samples[index], grads)
+        if matrices is None:
+            return self._initial_plan(layer, index, quantizers[index], samples[index])
+        x, w, g = matrices
+        result = search_layer(x, w, w_bits=self.wbits, a_bits=self.abits, G=g, act_quantizer=quantizers[index],
+                              **options)
+        return LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value)
+
+    def _initial_plan(self, layer: Layer, index: int, quantizer: ActQuantizer, samples: list[np.ndarray]) -> LayerPlan:
+        """Max-based steps for a layer the search cannot express."""
+        reader, weight_index, axis = layer.weight
+        values = np.asarray(reader.inputs[weight_index].values, dtype=np.float32)
+        amax = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
+        scale = np.asarray([initial_delta(float(a), self.wbits) if a > 0 else 1.0 for a in amax], np.float32)
+        step, _ = quantizer.steps(np.concatenate([s.ravel() for s in samples]), self.alpha, self.beta, self.n)
+        return LayerPlan(scale, {index: quantizer.params(step)}, False, None)
+
+    def _emit(self, graph: gs.Graph, layer: Layer, plan: LayerPlan) -> list[dict]:
+        """Insert the layer's weight DQ and activation QDQ groups (twin inputs last: dual-GEMM copies the node)."""
+        node = layer.node
+        details: list[dict] = [{"node": node.name, "kind": "layer", "searched": plan.searched,
+                                "metric": self.metric, "metric_value": plan.metric_value}]
+        if layer.weight is not None:
+            reader, index, axis = layer.weight
+            dequantized, detail = quantize_weight(graph, reader.inputs[index], axis, plan.weight_scale, self.wbits,
+                                                  prefix=f"{node.name}_weight")
+            reader.inputs[index] = dequantized
+            details.append({**detail, "node": node.name})
+        ordered = sorted(plan.act_params.items(), key=lambda item: isinstance(item[1], TwinParams))
+        for index, params in ordered:
+            tensor = node.inputs[index]
+            prefix = f"{node.name}_input{index}"
+            detail = {"tensor": tensor.name, "kind": "activation", "node": node.name}
+            if isinstance(params, TwinParams):
+                details.append({**detail, "dtype": f"twin-{params.layout}", "form": self.twin_form, "bits": params.bits,
+                                "delta_r1": params.delta_r1, "delta_r2": params.delta_r2, "split": params.split})
+                if self.twin_form == "dual-gemm":
+                    split_gemm(graph, node, index, insert_twin_parts(graph, tensor, params, prefix))
+                else:
+                    node.inputs[index] = insert_twin(graph, tensor, params, prefix)
+                continue
+            node.inputs[index] = insert_symmetric_qdq(graph, tensor, params, self.abits, self.act_dtype, prefix)
+            details.append({**detail, "dtype": self.act_dtype, "bits": self.abits, "scale": params})
+        return details
+
+
+def _as_gemm(
+    layer: Layer, samples: list[np.ndarray], grads: list[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """The layer as ``O = X @ W``: input rows ``X [R, K]``, ``W [K, N]`` and gradient rows ``G [R, N]``.
+
+    None when the layout has no such form here (Conv other than 2-D ungrouped with explicit symmetric pads).
+    """
+    node = layer.node
+    reader, index, _ = layer.weight
+    constant = np.asarray(reader.inputs[index].values, dtype=np.float32)
+    g = None
+    if grads is not None:  # Conv gradients are [B, M, H, W]: channels last, then rows
+        g = np.concatenate([_rows(np.moveaxis(gr, 1, -1) if node.op == "Conv" else gr) for gr in grads])
+    if node.op == "Conv":
+        rows = _conv_rows(node, constant, samples)
+        return None if rows is None else (rows, constant.reshape(constant.shape[0], -1).T, g)
+    if reader is not node:  # MatMul reading Transpose(constant)
+        perm = reader.attrs.get("perm", list(reversed(range(constant.ndim))))
+        w = np.transpose(constant, perm)
+    elif node.op == "Gemm":
+        w = constant.T if node.attrs.get("transB", 0) else constant
+    else:
+        w = constant
+    if w.ndim != 2:
+        return None
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        x = np.concatenate([s.T for s in samples])
+    else:
+        x = np.concatenate([_rows(s) for s in samples])
+    return x, w, g
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """``array`` as ``[rows, last axis]``."""
+    return array.reshape(-1, array.shape[-1])
+
+
+def _conv_rows(node: gs.Node, weight: np.ndarray, samples: list[np.ndarray]) -> np.ndarray | None:
+    """im2col rows ``[B * L, C * kh * kw]`` of a 2-D ungrouped Conv's inputs (None for other Convs)."""
+    if weight.ndim != 4 or node.attrs.get("group", 1) != 1 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:]:
+        return None
+    options = dict(kernel_size=tuple(weight.shape[2:]), dilation=tuple(node.attrs.get("dilations", [1, 1])),
+                   padding=tuple(pads[:2]), stride=tuple(node.attrs.get("strides", [1, 1])))
+    rows = [F.unfold(torch.from_numpy(s), **options).transpose(1, 2).reshape(-1, weight[0].size).numpy()
+            for s in samples]
+    return np.concatenate(rows)

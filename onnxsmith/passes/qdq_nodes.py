@@ -1,0 +1,191 @@
+"""Graph surgery shared by the QDQ passes: where a layer's weight enters, and the Q/DQ node groups they insert.
+
+Every inserted group follows TensorRT's and onnxruntime's QDQ conventions: weights are int8 initializers read
+through ``DequantizeLinear``; activations get an adjacent ``QuantizeLinear -> DequantizeLinear`` pair; a k-bit
+level range narrower than the storage type is a float ``Clip`` before the pair (see
+``calibration.twin_uniform`` for why that is bit-exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxsmith.calibration.qparams import dequantize, quantize, symmetric_scale
+from onnxsmith.calibration.twin_uniform import TwinParams, UniformRange
+
+FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype) in FLOAT_TYPES
+
+
+def weight_site(node: gs.Node) -> tuple[gs.Node, int, int | None] | None:
+    """Where a node's constant weight enters: (reading node, input index, output-channel axis of the constant).
+
+    The weight is the node's second input, or for MatMul a ``Transpose`` of a constant (exporters write tied
+    LM heads that way): the DQ then goes before the Transpose, and MatMul's output channels are the
+    constant's axis ``perm[-1]``. ``None`` when the second input is an activation; the axis is ``None`` when
+    per-channel quantization does not fit the weight's layout.
+    """
+    weight = node.inputs[1]
+    if isinstance(weight, gs.Constant):
+        return node, 1, weight_axis(node, weight.values.ndim)
+    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
+    if node.op == "MatMul" and producer is not None and producer.op == "Transpose" \
+            and isinstance(producer.inputs[0], gs.Constant):
+        rank = producer.inputs[0].values.ndim
+        perm = producer.attrs.get("perm", list(reversed(range(rank))))
+        return producer, 0, (perm[-1] if rank >= 2 else None)
+    return None
+
+
+def weight_axis(node: gs.Node, rank: int) -> int | None:
+    """The output-channel axis of a constant weight of ``rank`` read directly by ``node``."""
+    if node.op == "Conv":
+        return 0 if rank >= 3 else None
+    if node.op == "Gemm":
+        return (0 if node.attrs.get("transB", 0) else 1) if rank == 2 else None
+    return rank - 1 if rank >= 2 else None
+
+
+def quantize_weight(
+    graph: gs.Graph,
+    weight: gs.Constant,
+    axis: int,
+    scale: np.ndarray | None = None,
+    bits: int = 8,
+    prefix: str | None = None,
+) -> tuple[gs.Variable, dict]:
+    """``DequantizeLinear`` of a per-channel (``axis``) symmetric ``bits``-bit int8 copy of ``weight``.
+
+    ``scale`` (float32, one per channel) defaults to ``max|w| / (2**(bits-1) - 1)`` per channel; values are
+    rounded half to even and clipped to ``-2**(bits-1) .. 2**(bits-1)-1``. Names start with ``prefix`` (the
+    weight's name). Returns the dequantized tensor and a report entry with the weight's SQNR.
+    """
+    prefix = prefix or weight.name
+    values = weight.values.astype(np.float32)
+    if scale is None:
+        reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
+        scale = symmetric_scale(np.abs(values).max(axis=reduce_axes), bits=bits)
+    scale = np.asarray(scale, dtype=np.float32)
+    zero_point = np.zeros_like(scale, dtype=np.int8)
+    half = 2 ** (bits - 1)
+    quantized = np.clip(quantize(values, scale, zero_point, np.int8, axis=axis), -half, half - 1).astype(np.int8)
+    restored = dequantize(quantized, scale, zero_point, axis=axis)
+    q_const = gs.Constant(f"{prefix}_int8", quantized)
+    scale_const = gs.Constant(f"{prefix}_scale", scale)
+    zp_const = gs.Constant(f"{prefix}_zero_point", zero_point)
+    output = gs.Variable(f"{prefix}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
+                               attrs={"axis": axis}, inputs=[q_const, scale_const, zp_const], outputs=[output]))
+    noise = float(np.sum((values - restored) ** 2))
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
+    dtype = "int8" if bits == 8 else f"int{bits} (in int8)"
+    return output, {"tensor": weight.name, "kind": "weight", "dtype": dtype, "axis": axis, "sqnr_db": sqnr}
+
+
+def insert_symmetric_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float, bits: int, dtype: str,
+                         prefix: str) -> gs.Variable:
+    """Symmetric ``bits``-bit per-tensor QDQ on ``tensor``: levels ``-2**(bits-1) .. 2**(bits-1)-1`` of ``scale``.
+
+    ``dtype`` ``"int8"`` stores them with zero point 0 (TensorRT); ``"uint8"`` with zero point 128
+    (onnxruntime's fast CPU kernels), which gives identical values. Below 8 bits a float ``Clip`` before the
+    pair narrows the levels.
+    """
+    half = 2 ** (bits - 1)
+    if bits < 8:
+        tensor = clip(graph, tensor, UniformRange(np.float32(scale), -half, half - 1, np.dtype(np.int8)), prefix)
+    zero_point = np.uint8(128) if dtype == "uint8" else np.int8(0)
+    return insert_qdq(graph, tensor, np.float32(scale), zero_point, prefix)
+
+
+def insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray,
+                prefix: str | None = None) -> gs.Variable:
+    """Append ``QuantizeLinear -> DequantizeLinear`` on ``tensor``; names start with ``prefix`` (the tensor's)."""
+    prefix = prefix or tensor.name
+    scale_const = gs.Constant(f"{prefix}_scale", np.asarray(scale, dtype=np.float32))
+    zp_const = gs.Constant(f"{prefix}_zero_point", np.asarray(zero_point))
+    quantized = gs.Variable(f"{prefix}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
+    dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
+                               inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
+                               inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
+    return dequantized
+
+
+def insert_twin(graph: gs.Graph, tensor: gs.Variable, params: TwinParams, prefix: str | None = None) -> gs.Variable:
+    """``Where(x < split, DQ(Q(Clip(x) ; R1)), DQ(Q(Clip(x) ; R2)))``: the twin fake-quant form.
+
+    Both branches use int8 zero point 0 (TensorRT accepts only INT8 Q/DQ; every branch's levels fit int8); the
+    Clip bounds give the k-bit level ranges exactly (see ``calibration.twin_uniform``). Names start with
+    ``prefix`` (the tensor's name).
+    """
+    prefix = prefix or tensor.name
+    branches = []
+    for label, branch in (("r1", params.r1), ("r2", params.r2)):
+        branches.append(clipped_qdq(graph, tensor, branch, f"{prefix}_twin_{label}"))
+    split = gs.Constant(f"{prefix}_twin_split", np.asarray(params.split, dtype=np.float32))
+    below = gs.Variable(f"{prefix}_twin_below", dtype=np.bool_, shape=tensor.shape)
+    output = gs.Variable(f"{prefix}_twin", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Less", f"{prefix}_twin_Less", inputs=[tensor, split], outputs=[below]))
+    graph.nodes.append(gs.Node("Where", f"{prefix}_twin_Where", inputs=[below, *branches], outputs=[output]))
+    return output
+
+
+def insert_twin_parts(
+    graph: gs.Graph, tensor: gs.Variable, params: TwinParams, prefix: str | None = None
+) -> list[gs.Variable]:
+    """``[X_R1, X_R2]`` with ``X_R1 = QDQ_R1(Where(x < split, x, 0))`` and ``X_R2 = QDQ_R2(Where(x < split, 0, x))``.
+
+    Quantizing 0 gives 0 in both ranges, so ``X_R1 + X_R2`` equals the fake-quant form exactly. Names start with
+    ``prefix`` (the tensor's name).
+    """
+    prefix = prefix or tensor.name
+    split = gs.Constant(f"{prefix}_twin_split", np.asarray(params.split, dtype=np.float32))
+    zero = gs.Constant(f"{prefix}_twin_zero", np.zeros((), dtype=np.float32))
+    below = gs.Variable(f"{prefix}_twin_below", dtype=np.bool_, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Less", f"{prefix}_twin_Less", inputs=[tensor, split], outputs=[below]))
+    parts = []
+    for label, branch, inputs in (("r1", params.r1, [below, tensor, zero]), ("r2", params.r2, [below, zero, tensor])):
+        part = gs.Variable(f"{prefix}_twin_{label}_part", dtype=tensor.dtype, shape=tensor.shape)
+        graph.nodes.append(gs.Node("Where", f"{prefix}_twin_{label}_Where", inputs=inputs, outputs=[part]))
+        parts.append(clipped_qdq(graph, part, branch, f"{prefix}_twin_{label}"))
+    return parts
+
+
+def split_gemm(graph: gs.Graph, node: gs.Node, index: int, parts: list[gs.Variable]) -> None:
+    """Replace ``node`` (reading a twin tensor at ``index``) by one copy per part, summed with ``Add``.
+
+    Only the first copy of a Gemm keeps the bias ``C``, so it is added once.
+    """
+    output = node.outputs[0]
+    partials = []
+    for number, part in enumerate(parts):
+        inputs = list(node.inputs)
+        inputs[index] = part
+        if node.op == "Gemm" and number > 0:
+            inputs = inputs[:2]
+        partial = gs.Variable(f"{output.name}_part{number}", dtype=output.dtype, shape=output.shape)
+        graph.nodes.append(gs.Node(node.op, f"{node.name}_part{number}", dict(node.attrs), inputs, [partial]))
+        partials.append(partial)
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("Add", f"{node.name}_parts_sum", inputs=partials, outputs=[output]))
+
+
+def clipped_qdq(graph: gs.Graph, tensor: gs.Variable, branch: UniformRange, prefix: str) -> gs.Variable:
+    """``DQ(Q(Clip(tensor)))`` for one twin branch, int8 with zero point 0."""
+    return insert_qdq(graph, clip(graph, tensor, branch, prefix), branch.scale, np.int8(0), prefix)
+
+
+def clip(graph: gs.Graph, tensor: gs.Variable, levels: UniformRange, prefix: str) -> gs.Variable:
+    """``Clip(tensor, qmin * scale, qmax * scale)``: the float form of clipping quantized ``levels``."""
+    low, high = levels.clip_bounds()
+    clipped = gs.Variable(f"{prefix}_clipped", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Clip", f"{prefix}_Clip", inputs=[
+        tensor, gs.Constant(f"{prefix}_low", np.asarray(low, np.float32)),
+        gs.Constant(f"{prefix}_high", np.asarray(high, np.float32))], outputs=[clipped]))
+    return clipped
