@@ -47,3 +47,23 @@ def test_report_lists_layers_worst_first():
     text = markdown(data)
     table = text[text.index("Per-layer SQNR"):]
     assert table.index("`a`") < table.index("`b`") < table.index("`w`")
+
+
+def _ptq(model, feeds, **options):
+    from onnxsmith.passes import PtqQuantize, ShapeInference
+
+    passes = [ShapeInference(), PtqQuantize(rounds=1, n=10, **options)]
+    return PassManager(passes).run(model, PassContext(calibration_data=feeds)).model
+
+
+def test_activation_sqnr_per_layer_k_bit_and_twin_forms():
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 6, 16)).astype(np.float32) * 2} for _ in range(3)]
+    reference = graphs.attention_block()
+    results = {form: activation_sqnr(reference, _ptq(graphs.attention_block(), feeds, abits=6, twin=True,
+                                                       twin_form=form), feeds, progress=False)
+               for form in ("fake-quant", "dual-gemm")}
+    expected = {f"x ({p}_proj)" for p in "qkv"} | {"q", "kt", "p", "v", "ctx"}
+    assert set(results["fake-quant"]) == set(results["dual-gemm"]) == expected
+    assert abs(results["fake-quant"]["p"] - results["dual-gemm"]["p"]) < 1e-6  # parts summed = the twin tensor
+    assert all(15 < value < 60 for value in results["fake-quant"].values())  # 6-bit: about 6 dB per bit

@@ -29,7 +29,7 @@ def collect(
     """
     if not observers:
         return observers
-    session = create_session(_with_outputs(model, list(observers)))
+    session = create_session(with_outputs(model, list(observers)))
     names = list(observers)
     # tqdm's disable=None hides the bar when stderr is not a terminal.
     for feed in tqdm(feeds, desc="calibrating", unit="batch", leave=False, disable=None if progress else True):
@@ -39,7 +39,7 @@ def collect(
     return observers
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs ``names`` (types taken from value_info or inputs)."""
     known = {
         info.name: info

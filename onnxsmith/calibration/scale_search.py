@@ -39,7 +39,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from onnxsmith.calibration.metrics import MetricName, MetricSpec, metric_spec
-from onnxsmith.calibration.qparams import dequantize, quantize
 from onnxsmith.calibration.twin_uniform import (
     Layout,
     TwinParams,
@@ -68,11 +67,20 @@ def uniform_fake_quantize(x: ArrayLike, scale: ArrayLike, bits: int, axis: int |
     ``scale`` is a scalar (``axis=None``) or 1-D along ``axis``. Float32 out.
     """
     _check_bits(bits, "bits")
-    dtype = np.dtype(np.int8 if bits <= 8 else np.int16)
-    zero = np.zeros(np.shape(scale), dtype)
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.asarray(scale, dtype=np.float32)
+    if not (scale > 0).all():
+        raise ValueError("scale must be positive")
+    if axis is not None:
+        scale = scale.reshape([-1 if a == axis % x.ndim else 1 for a in range(x.ndim)])
     half = 2 ** (bits - 1)
-    q = np.clip(quantize(x, scale, zero, dtype, axis), -half, half - 1).astype(dtype)
-    return dequantize(q, scale, zero, axis)
+    # Fused float32 form of QuantizeLinear -> clip -> DequantizeLinear: the same float32 division, rint (half to
+    # even) and product, without the integer round trip (levels within ±2**15 are exact in float32).
+    with np.errstate(over="ignore"):
+        q = np.rint(x / scale)
+    np.clip(q, -half, half - 1, out=q)
+    q *= scale
+    return q
 
 
 class ActQuantizer(Protocol):

@@ -1,39 +1,111 @@
-"""Per-layer fidelity: the SQNR of every activation a quantized model quantizes, measured on FP32 activations.
+"""Per-layer fidelity: the SQNR of every activation a quantized model quantizes.
 
-For each ``QuantizeLinear`` of the quantized model whose input tensor also exists in the reference model, the
-reference model's values of that tensor are fake-quantized with the same scale and zero point. The result tells
-which layer's quantization loses the most signal, independently of the error accumulated before it.
+A quantized input is a tensor ``V`` read by a compute node and produced by a chain of quantization nodes
+(``QuantizeLinear``, ``DequantizeLinear``, ``Clip``, ``Less``, ``Where``) holding at least one activation
+``DequantizeLinear``, whose root ``T`` is a tensor of the reference model: a QDQ pair, a k-bit ``Clip -> Q -> DQ``,
+a twin-uniform ``Where`` of two branches. The two parts of a dual-GEMM twin split (chains sharing one ``Less``)
+count as one input, their sum. The quantized model runs once per feed with ``T`` and ``V`` as extra outputs, and
+the SQNR is ``10 log10(sum T^2 / sum (V - T)^2)``: only that input's quantization noise, on the activations the
+quantized model actually sees. Inputs are named by ``T``, or ``T (node)`` when layers quantize ``T`` separately.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from tqdm import tqdm
 
-from onnxsmith.calibration.collection import collect
-from onnxsmith.calibration.observers import QuantizationNoiseObserver
+from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.models.base import Feed
+
+CHAIN_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Clip", "Less", "Where"})
+
+
+def quantized_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, tuple[str, list[str]]]:
+    """``{label: (root T, [visible tensors summed into the input])}`` for every quantized input (see module)."""
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    initializers = {t.name for t in quantized.graph.initializer}
+    originals = {out for node in reference.graph.node for out in node.output} | {i.name for i in reference.graph.input}
+    groups: dict[tuple[str, tuple[str, ...]], tuple[list[str], str]] = {}
+    for node in quantized.graph.node:
+        if node.op_type in CHAIN_OPS:
+            continue
+        for name in node.input:
+            if name in originals:
+                continue
+            chain = _chain(name, producers, initializers, originals)
+            if chain is None:
+                continue
+            root, splits = chain
+            visible, consumer = groups.setdefault((root, splits or (name,)), ([], node.name))
+            if name not in visible:
+                visible.append(name)
+    per_root: dict[str, int] = {}
+    for root, _ in groups:
+        per_root[root] = per_root.get(root, 0) + 1
+    return {
+        (root if per_root[root] == 1 else f"{root} ({consumer})"): (root, visible)
+        for (root, _), (visible, consumer) in groups.items()
+    }
+
+
+def _chain(
+    name: str, producers: dict[str, onnx.NodeProto], initializers: set[str], originals: set[str]
+) -> tuple[str, tuple[str, ...]] | None:
+    """``(root, names of the Less nodes on the way)`` when ``name`` is made by inserted quantization nodes, with
+    an activation DequantizeLinear, from exactly one reference tensor; None otherwise."""
+    roots: set[str] = set()
+    splits: set[str] = set()
+    activation_dq = False
+    stack, seen = [name], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in originals:
+            roots.add(tensor)
+            continue
+        if tensor in initializers:
+            continue
+        node = producers.get(tensor)
+        if node is None or node.op_type not in CHAIN_OPS:
+            return None
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "Less":
+            splits.add(node.name)
+        if node.op_type == "DequantizeLinear" and node.input[0] not in initializers:
+            activation_dq = True
+        stack += [i for i in (node.input if node.op_type == "Where" else node.input[:1]) if i]
+    if not activation_dq or len(roots) != 1:
+        return None
+    return roots.pop(), tuple(sorted(splits))
 
 
 def activation_sqnr(
     reference: onnx.ModelProto, quantized: onnx.ModelProto, feeds: Sequence[Feed], *, progress: bool = True
 ) -> dict[str, float]:
-    """SQNR (dB) of each quantized activation tensor over ``feeds``; empty when nothing is quantized."""
-    constants = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
-    reference_tensors = {out for node in reference.graph.node for out in node.output}
-    reference_tensors |= {i.name for i in reference.graph.input}
-    observers = {}
-    for node in quantized.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in reference_tensors:
-            continue
-        if node.input[1] not in constants or len(node.input) < 3 or node.input[2] not in constants:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        scale = constants[node.input[1]]
-        observers[node.input[0]] = QuantizationNoiseObserver(
-            scale, constants[node.input[2]], axis=axis if scale.ndim else None, name=node.input[0]
-        )
-    collect(reference, observers, feeds, progress=progress)
-    return {name: observer.sqnr_db() for name, observer in observers.items()}
+    """SQNR (dB) of each quantized input over ``feeds``, keyed as :func:`quantized_inputs`; empty if none."""
+    inputs = quantized_inputs(reference, quantized)
+    if not inputs:
+        return {}
+    names = sorted({root for root, _ in inputs.values()} | {v for _, vs in inputs.values() for v in vs})
+    session = create_session(with_outputs(quantized, names))
+    signal = dict.fromkeys(inputs, 0.0)
+    noise = dict.fromkeys(inputs, 0.0)
+    for feed in tqdm(feeds, desc="layer SQNR", unit="batch", leave=False, disable=None if progress else True):
+        values = run_session(session, feed, names)
+        for label, (root, visible) in inputs.items():
+            t = values[root].astype(np.float64)
+            v = sum(values[name].astype(np.float64) for name in visible)
+            signal[label] += float(np.sum(t * t))
+            noise[label] += float(np.sum((v - t) ** 2))
+    return {label: _db(signal[label], noise[label]) for label in inputs}
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
