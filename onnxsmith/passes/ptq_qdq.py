@@ -44,7 +44,7 @@ from onnxsmith.calibration.scale_search import (
 from onnxsmith.calibration.twin_uniform import TwinParams, initial_delta
 from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
-from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, QuantizeInt8
+from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, Placement, QuantizeInt8
 from onnxsmith.passes.qdq_nodes import (
     insert_symmetric_qdq,
     insert_twin,
@@ -140,8 +140,8 @@ class PtqQuantize(Pass):
         names = {layer.node.outputs[0].name for layer in layers}
         return GradientRequest({name: SampleObserver(self.samples, name=name) for name in names}, self.loss)
 
-    def layers(self, graph: gs.Graph) -> tuple[list[Layer], dict[str, str]]:
-        """The layers to quantize in graph order, and the twin layout ('softmax'/'gelu') of twin tensors."""
+    def layers(self, graph: gs.Graph) -> tuple[list[Layer], Placement]:
+        """The layers to quantize in graph order, and the placement they come from (twin layouts, skipped nodes)."""
         placement = self.placer.place(graph)
         reads: dict[str, list[int]] = {}
         for consumers in placement.activations.values():
@@ -152,17 +152,18 @@ class PtqQuantize(Pass):
             if node.name in reads:
                 site = weight_site(node)
                 layers.append(Layer(node, sorted(reads[node.name]), site if site and site[2] is not None else None))
-        return layers, placement.twin_layouts
+        return layers, placement
 
     # ------------------------------------------------------------------ rewrite
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
-        layers, twin_layouts = self.layers(graph)
+        layers, placement = self.layers(graph)
         details: list[dict] = []
         searched = 0
         for layer in layers:
-            quantizers = {i: self._act_quantizer(layer.node.inputs[i].name, twin_layouts) for i in layer.act_inputs}
+            quantizers = {i: self._act_quantizer(layer.node.inputs[i].name, placement.twin_layouts)
+                          for i in layer.act_inputs}
             plan = self._plan(layer, quantizers, context)
             searched += plan.searched
             details += self._emit(graph, layer, plan)
@@ -175,7 +176,6 @@ class PtqQuantize(Pass):
             "abits": self.abits,
             "metric": self.metric if self.rounds else "none",
         }
-        placement = self.placer.place(import_graph(model))
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
         modified = bool(layers)
         return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
