@@ -232,3 +232,21 @@ def test_activation_matmul_search_accepts_samples_of_different_lengths():
     for metric in ("mse", "cosine", "hessian"):
         result = search_activation_matmul(q, kt, bits=5, metric=metric, G=grads, rounds=1, n=8)
         assert result.history[-1] <= result.history[0]
+
+
+def test_layout_without_a_gemm_form_keeps_max_based_steps():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = graphs.make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", auto_pad="SAME_UPPER")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    quantized, record = quantize(model, feeds_for((2, 3, 6, 6), count=2), wbits=6, rounds=1, **FAST)
+    assert record.changes["layers_searched"] == 0
+    layer = next(d for d in record.details if d.get("kind") == "layer")
+    assert layer["searched"] is False
+    scale = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}["conv_weight_scale"]
+    expected = [initial_delta(float(a), 6) for a in np.abs(w).reshape(4, -1).max(axis=1)]
+    np.testing.assert_allclose(scale, expected, rtol=1e-6)

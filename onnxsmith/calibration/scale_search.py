@@ -207,6 +207,11 @@ def _candidate_stats(
     return stats
 
 
+def initial_weight_steps(amax: ArrayLike, bits: int) -> np.ndarray:
+    """Float32 ``Δ0 = amax / (2**(bits-1) - 0.5)`` per channel; an all-zero channel (``amax == 0``) gets 1."""
+    return np.asarray([initial_delta(float(a), bits) if a > 0 else 1.0 for a in np.ravel(amax)], dtype=np.float32)
+
+
 def _weight_grid(
     w: np.ndarray, bits: int, per_channel: bool, alpha: float, beta: float, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -216,9 +221,9 @@ def _weight_grid(
     all-zero column or tensor gets ``Δ0 = 1`` (every step quantizes it exactly).
     """
     amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max(initial=0.0))
-    delta0 = [initial_delta(float(a), bits) if a > 0 else 1.0 for a in amax]
-    grid = np.stack([search_grid(d, alpha, beta, n) for d in delta0], axis=1)
-    return np.asarray(delta0, dtype=np.float32), grid
+    delta0 = initial_weight_steps(amax, bits)
+    grid = np.stack([search_grid(float(d), alpha, beta, n) for d in delta0], axis=1)
+    return delta0, grid
 
 
 def _search_weights(

@@ -38,10 +38,11 @@ from onnxsmith.calibration.scale_search import (
     ActQuantizer,
     TwinActQuantizer,
     UniformActQuantizer,
+    initial_weight_steps,
     search_activation_matmul,
     search_layer,
 )
-from onnxsmith.calibration.twin_uniform import TwinParams, initial_delta
+from onnxsmith.calibration.twin_uniform import TwinParams
 from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
 from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, Placement, QuantizeInt8
@@ -210,7 +211,7 @@ class PtqQuantize(Pass):
         reader, weight_index, axis = layer.weight
         values = np.asarray(reader.inputs[weight_index].values, dtype=np.float32)
         amax = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
-        scale = np.asarray([initial_delta(float(a), self.wbits) if a > 0 else 1.0 for a in amax], np.float32)
+        scale = initial_weight_steps(amax, self.wbits)
         step, _ = quantizer.steps(np.concatenate([s.ravel() for s in samples]), self.alpha, self.beta, self.n)
         return LayerPlan(scale, {index: quantizer.params(step)}, False, None)
 
