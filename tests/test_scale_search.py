@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.calibration.metrics import METRICS, cosine, hessian, metric_fn, mse
 from onnxsmith.calibration.qparams import fake_quantize
 from onnxsmith.calibration.scale_search import (
@@ -39,7 +40,7 @@ def layer(seed: int, tokens: int = 96, k: int = 12, n_out: int = 5) -> tuple[np.
 
 def quantized_output(x: np.ndarray, w: np.ndarray, result: LayerScales, w_bits: int, a_bits: int) -> np.ndarray:
     """``Ô`` at the returned scales, rebuilt from qparams / twin_uniform independently of the search."""
-    scale = np.broadcast_to(result.weight_scale, (w.shape[1],)).astype(np.float32)
+    scale = np.broadcast_to(result.weight_scale, (1, w.shape[1]))[0].astype(np.float32)
     wq = uniform_fake_quantize(w, scale, w_bits, axis=1)
     if isinstance(result.act_scale, TwinParams):
         return twin_fake_quantize(x, result.act_scale) @ wq
@@ -122,7 +123,7 @@ def test_search_finds_the_exact_grid(metric: str) -> None:
         x, w, w_bits=8, a_bits=8, metric=metric, G=np.ones((64, 3)), alpha=0.5, beta=1.5, n=100
     )
     assert result.act_scale == x_step
-    assert np.array_equal(result.weight_scale, w_steps.astype(np.float32))
+    assert np.array_equal(result.weight_scale, w_steps.astype(np.float32)[None])
     assert result.metric_value == pytest.approx(0.0, abs=1e-12)
     assert np.array_equal(quantized_output(x, w, result, 8, 8), x @ w)
 
@@ -156,12 +157,13 @@ def test_hessian_with_unit_gradient_searches_like_mse() -> None:
 def test_history_never_increases_and_matches_the_result(metric: str, per_channel: bool) -> None:
     x, w, g = layer(5)
     result = search_layer(
-        x, w, w_bits=4, a_bits=4, metric=metric, G=g, per_channel_weights=per_channel, rounds=3, **FAST
+        x, w, w_bits=4, a_bits=4, metric=metric, G=g, rounds=3,
+        weight_grid=GridSpec.parse("per-channel" if per_channel else "per-tensor").grid(*w.shape), **FAST
     )
     assert len(result.history) == 7
     assert_non_increasing(result.history)
     assert result.history[-1] < result.history[0]
-    assert result.weight_scale.shape == ((5,) if per_channel else ())
+    assert result.weight_scale.shape == ((1, 5) if per_channel else (1, 1))
     value = metric_fn(metric)(x @ w, quantized_output(x, w, result, 4, 4), g)
     assert result.metric_value == pytest.approx(value, rel=1e-9, abs=1e-15)
 
@@ -194,7 +196,7 @@ def test_per_channel_equals_each_column_alone(metric: str, rounds: int, fixed_ac
     whole = search_layer(x, w, G=g, **kwargs)
     for c in range(w.shape[1]):
         alone = search_layer(x, w[:, [c]], G=g[:, [c]], **kwargs)
-        assert alone.weight_scale[0] == whole.weight_scale[c]
+        assert alone.weight_scale[0, 0] == whole.weight_scale[0, c]
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -5,16 +5,20 @@ Metrics (``"mse"``, ``"cosine"``, ``"hessian"``) are those of :mod:`onnxsmith.ca
 Search (:func:`search_layer`). Weights and activations use k-bit symmetric quantization with zero point 0 and
 levels ``-2**(k-1) .. 2**(k-1)-1`` in qparams' ONNX-exact arithmetic (float32 division, round half to even).
 Each searched step runs over PTQ4ViT's grid ``Δ0 * (alpha + i * (beta - alpha) / n)``, i = 0..n, with
-``Δ0 = max|.| / (2**(k-1) - 0.5)`` (per output channel for per-channel weights). Each round searches the
-weight steps with the activation step fixed, then the activation step with the weights fixed. The current
-step is always a candidate too (listed first, so it wins ties): no step raises the metric, so the recorded
-history is non-increasing.
+``Δ0 = max|.| / (2**(k-1) - 0.5)`` over the step's block (weights) or feature group (activations). Each round
+searches the weight steps with the activation steps fixed, then the activation steps with the weights fixed.
+The current step is always a candidate too (listed first, so it wins ties): no step raises the metric, so the
+recorded history is non-increasing (exactly for one input block and one feature group; otherwise up to float32
+rounding, as the output is then a fixed part plus the searched part, summed in another order).
 
-Per-channel weights: ``"mse"`` and ``"hessian"`` are sums over output columns, and column ``c`` of ``Ô``
-depends only on column ``c`` of ``W``; each channel's step is therefore chosen independently on its own
-column's error, which jointly minimises the layer metric. ``"cosine"`` does not separate over columns, so all
-channels share one grid multiplier ``i`` (step ``Δ0_c * (alpha + i * (beta - alpha) / n)`` for channel c),
-chosen on the whole-layer metric.
+Weight blocks (PTQ-SL sub-layer granularity, :mod:`onnxsmith.calibration.blocks`): a grid of input blocks x
+output blocks over ``W``; per channel is one input block of one column each (the default), per tensor one
+block. The input blocks are searched one after another, each with the others fixed. ``"mse"`` and
+``"hessian"`` are sums over output columns, and column ``c`` of ``Ô`` depends, within one input block, only on
+its own output block's step; each output block's step is therefore chosen independently on its own columns'
+error, which jointly minimises the layer metric. ``"cosine"`` does not separate over columns, so all output
+blocks of an input block share one grid multiplier ``i``, chosen on the whole-layer metric. Activation feature
+groups (``act_groups``) are searched one after another the same way, each on the whole-layer metric.
 
 Activation quantizers plug in through :class:`ActQuantizer`: :class:`UniformActQuantizer` (the default) and
 :class:`TwinActQuantizer` (PTQ4ViT twin-uniform; the searched step is ``Δ_R1`` for the softmax layout and
@@ -31,6 +35,7 @@ quantized weights (a ``K*N`` elementwise pass per candidate, small next to the `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +43,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import ArrayLike
 
+from onnxsmith.calibration.blocks import BlockGrid, initial_block_steps
 from onnxsmith.calibration.metrics import MetricName, MetricSpec, metric_spec
 from onnxsmith.calibration.twin_uniform import (
     Layout,
@@ -124,6 +130,25 @@ class UniformActQuantizer:
 
 
 @dataclass(frozen=True)
+class FloatActQuantizer:
+    """No activation quantization (weight-only layers): ``X`` stays float, there is no step to search.
+
+    ``bits`` only satisfies :func:`search_layer`'s check; ``params`` is None.
+    """
+
+    bits: int
+
+    def steps(self, x: np.ndarray, alpha: float, beta: float, n: int) -> tuple[float, np.ndarray]:
+        return 1.0, np.empty(0, dtype=np.float32)
+
+    def fake_quantize(self, x: np.ndarray, step: float) -> np.ndarray:
+        return x
+
+    def params(self, step: float) -> None:
+        return None
+
+
+@dataclass(frozen=True)
 class TwinActQuantizer:
     """PTQ4ViT twin-uniform quantizer (see :mod:`onnxsmith.calibration.twin_uniform`).
 
@@ -162,15 +187,17 @@ class TwinActQuantizer:
 class LayerScales:
     """Result of :func:`search_layer`.
 
-    ``weight_scale``: float32, shape ``[N]`` (per output channel) or ``()`` (per tensor).
-    ``act_scale``: the activation step (float) or, for a twin quantizer, its :class:`TwinParams`.
+    ``weight_scale``: float32 block steps of the weight grid, shape ``grid.shape`` = ``(input blocks, output
+    blocks)``; ``(1, N)`` per channel, ``(1, 1)`` per tensor.
+    ``act_scale``: the activation step (float) or, for a twin quantizer, its :class:`TwinParams`; with
+    ``act_groups > 1`` a float32 array of one step per feature group.
     ``metric_value``: the layer metric at the returned scales (``history[-1]``).
     ``history``: the metric at the initial steps, then after each weight and each activation search
     (``2 * rounds + 1`` values, non-increasing).
     """
 
     weight_scale: np.ndarray
-    act_scale: float | TwinParams
+    act_scale: float | TwinParams | np.ndarray
     metric_value: float
     history: list[float]
 
@@ -207,64 +234,94 @@ def _candidate_stats(
     return stats
 
 
-def initial_weight_steps(amax: ArrayLike, bits: int) -> np.ndarray:
-    """Float32 ``Δ0 = amax / (2**(bits-1) - 0.5)`` per channel; an all-zero channel (``amax == 0``) gets 1."""
-    return np.asarray([initial_delta(float(a), bits) if a > 0 else 1.0 for a in np.ravel(amax)], dtype=np.float32)
+def blocked_fake_quantize(w: ArrayLike, block_scales: ArrayLike, grid: BlockGrid, bits: int) -> np.ndarray:
+    """``w [k, n]`` symmetric ``bits``-bit fake-quantized with one step per block of ``grid`` (ONNX-exact)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.shape != (grid.k, grid.n):
+        raise ValueError(f"w must have shape {(grid.k, grid.n)}, got {w.shape}")
+    return uniform_fake_quantize(w, grid.expand(np.asarray(block_scales, dtype=np.float32)), bits)
 
 
-def _weight_grid(
-    w: np.ndarray, bits: int, per_channel: bool, alpha: float, beta: float, n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(Δ0 [N], grid [n + 1, N])``, float32: grid row i is ``Δ0 * (alpha + i * (beta - alpha) / n)``.
+class _ActGroups:
+    """The activation quantizer applied per feature group (``slices`` of X's columns), one step per group."""
 
-    ``Δ0 = max|w| / (2**(bits-1) - 0.5)`` per output column (per_channel) or over the whole tensor; an
-    all-zero column or tensor gets ``Δ0 = 1`` (every step quantizes it exactly).
-    """
-    amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max(initial=0.0))
-    delta0 = initial_weight_steps(amax, bits)
-    grid = np.stack([search_grid(float(d), alpha, beta, n) for d in delta0], axis=1)
-    return delta0, grid
+    def __init__(self, quantizer: ActQuantizer, slices: list[slice]) -> None:
+        self.quantizer, self.slices = quantizer, slices
+
+    def fake_quantize(self, x_chunk: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        if len(self.slices) == 1:
+            return self.quantizer.fake_quantize(x_chunk, float(steps[0]))
+        out = np.empty_like(x_chunk)
+        for columns, step in zip(self.slices, steps):
+            out[:, columns] = self.quantizer.fake_quantize(x_chunk[:, columns], float(step))
+        return out
 
 
 def _search_weights(
-    problem: _Problem, act: ActQuantizer, act_step: float, candidates: np.ndarray, bits: int, per_column: bool
+    problem: _Problem, act: _ActGroups, act_steps: np.ndarray, w_steps: np.ndarray, delta0: np.ndarray,
+    grid: BlockGrid, bits: int, options: tuple[float, float, int],
 ) -> tuple[np.ndarray, float, float]:
-    """Best ``[N]`` weight steps among the rows of ``candidates`` ``[C, N]`` with the activation fixed.
+    """One pass over the grid's input blocks, each searching its row of block steps with everything else fixed.
 
-    ``per_column``: each column takes its own best row (separable metrics); otherwise one row for all.
-    Ties go to the earliest row. Returns the steps, the layer metric at them and at row 0.
+    Candidates for input block ``r`` are its current steps, then ``search_grid(Δ0)`` of every block. Separable
+    metrics pick each output block's best candidate on its own columns; others one candidate row for all.
+    Ties go to the earliest candidate. Returns the steps, the layer metric at them and at the initial steps.
     """
+    w_steps = w_steps.copy()
+    separable = problem.spec.separable
+    first = value = math.nan
+    for r, rows in enumerate(grid.row_slices()):
+        candidates = np.vstack([w_steps[r], np.stack([search_grid(float(d), *options) for d in delta0[r]], axis=1)])
+        others = blocked_fake_quantize(problem.w, w_steps, grid, bits) if grid.shape[0] > 1 else None
+        if others is not None:
+            others[rows] = 0
 
-    def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
-        xq = act.fake_quantize(x_chunk, act_step)
-        for scale in candidates:
-            yield xq @ uniform_fake_quantize(problem.w, scale, bits, axis=1)
+        def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
+            xq = act.fake_quantize(x_chunk, act_steps)
+            fixed = 0 if others is None else xq @ others
+            for steps in candidates:
+                yield fixed + xq[:, rows] @ uniform_fake_quantize(problem.w[rows], grid.expand_columns(steps), bits)
 
-    stats = _candidate_stats(problem, len(candidates), outputs)
-    first = problem.spec.reduce(stats[0], problem.count)
-    if per_column:
-        columns = np.arange(candidates.shape[1])
-        best = np.argmin(stats[:, 0, :], axis=0)
-        return candidates[best, columns], problem.spec.reduce(stats[best, :, columns].T, problem.count), first
-    values = [problem.spec.reduce(s, problem.count) for s in stats]
-    best_row = int(np.argmin(values))
-    return candidates[best_row], values[best_row], first
+        stats = _candidate_stats(problem, len(candidates), outputs)
+        if r == 0:
+            first = problem.spec.reduce(stats[0], problem.count)
+        if separable:
+            best = np.argmin(grid.sum_columns(stats[:, 0, :]), axis=0)
+            w_steps[r] = candidates[best, np.arange(candidates.shape[1])]
+            value = problem.spec.reduce(stats[grid.expand_columns(best), :, np.arange(grid.n)].T, problem.count)
+        else:
+            values = [problem.spec.reduce(s, problem.count) for s in stats]
+            best_row = int(np.argmin(values))
+            w_steps[r], value = candidates[best_row], values[best_row]
+    return w_steps, value, first
 
 
 def _search_act(
-    problem: _Problem, act: ActQuantizer, candidates: np.ndarray, w_scale: np.ndarray, bits: int
-) -> tuple[float, float]:
-    """Best activation step among ``candidates`` with the weights fixed (ties: earliest); step and metric."""
-    wq = uniform_fake_quantize(problem.w, w_scale, bits, axis=1)
+    problem: _Problem, act: _ActGroups, act_steps: np.ndarray, grids: list[np.ndarray], w_scale: np.ndarray,
+    grid: BlockGrid, bits: int,
+) -> tuple[np.ndarray, float]:
+    """Each feature group's step in turn among its current step and ``grids[g]`` with everything else fixed
+    (ties: earliest); the steps and the metric at them."""
+    act_steps = act_steps.copy()
+    wq = blocked_fake_quantize(problem.w, w_scale, grid, bits)
+    value = math.nan
+    for g, columns in enumerate(act.slices):
+        candidates = np.concatenate([[act_steps[g]], grids[g]])
 
-    def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
-        for step in candidates:
-            yield act.fake_quantize(x_chunk, float(step)) @ wq
+        def outputs(x_chunk: np.ndarray) -> Iterator[np.ndarray]:
+            fixed = 0
+            if len(act.slices) > 1:
+                others = act.fake_quantize(x_chunk, act_steps)
+                others[:, columns] = 0
+                fixed = others @ wq
+            for step in candidates:
+                yield fixed + act.quantizer.fake_quantize(x_chunk[:, columns], float(step)) @ wq[columns]
 
-    stats = _candidate_stats(problem, len(candidates), outputs)
-    values = [problem.spec.reduce(s, problem.count) for s in stats]
-    best = int(np.argmin(values))
-    return float(candidates[best]), values[best]
+        stats = _candidate_stats(problem, len(candidates), outputs)
+        values = [problem.spec.reduce(s, problem.count) for s in stats]
+        best = int(np.argmin(values))
+        act_steps[g], value = candidates[best], values[best]
+    return act_steps, value
 
 
 def _problem(X: ArrayLike, W: ArrayLike, G: ArrayLike | None, metric: str, chunk_rows: int | None) -> _Problem:
@@ -294,7 +351,8 @@ def search_layer(
     alpha: float = 0.01,
     beta: float = 1.2,
     rounds: int = 3,
-    per_channel_weights: bool = True,
+    weight_grid: BlockGrid | None = None,
+    act_groups: BlockGrid | None = None,
     act_quantizer: ActQuantizer | None = None,
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> LayerScales:
@@ -302,12 +360,14 @@ def search_layer(
 
     ``X [tokens, K]`` are calibration inputs, ``W [K, N]`` the weight (both used as float32), ``G [tokens, N]``
     the output gradient (required by, and only used by, ``metric="hessian"``). Weights get ``w_bits``-bit
-    symmetric steps, per output channel when ``per_channel_weights``; the activation uses ``act_quantizer``
-    (default ``UniformActQuantizer(a_bits)``, per tensor), whose ``bits`` must equal ``a_bits``. Candidates
-    come from the grid ``(alpha, beta, n)``; ``rounds`` rounds of weight-then-activation search start
-    from the initial steps ``Δ0`` (``rounds=0``: the initial steps, ``history`` their metric alone). ``chunk_rows`` bounds the rows evaluated at once (None: all); the result
-    does not depend on it except for float64 summation order. Raises ValueError on bad shapes, bits, metric
-    or a missing ``G``, and when ``X`` is all zero.
+    symmetric steps, one per block of ``weight_grid`` (a :class:`BlockGrid` over ``[K, N]``; default per output
+    channel). The activation uses ``act_quantizer`` (default ``UniformActQuantizer(a_bits)``, per tensor),
+    whose ``bits`` must equal ``a_bits``; ``act_groups`` (a grid over ``[K, 1]``) gives each of its input blocks
+    of X's features its own step (uniform quantizers only). Candidates come from the grid ``(alpha, beta,
+    n)``; ``rounds`` rounds of weight-then-activation search start from the initial steps ``Δ0``
+    (``rounds=0``: the initial steps, ``history`` their metric alone). ``chunk_rows`` bounds the rows evaluated
+    at once (None: all); the result does not depend on it except for float64 summation order. Raises
+    ValueError on bad shapes, bits, grids, metric or a missing ``G``, and when ``X`` is all zero.
     """
     _check_bits(w_bits, "w_bits")
     _check_bits(a_bits, "a_bits")
@@ -317,27 +377,36 @@ def search_layer(
     if act.bits != a_bits:
         raise ValueError(f"act_quantizer.bits = {act.bits} differs from a_bits = {a_bits}")
     problem = _problem(X, W, G, metric, chunk_rows)
-    w_scale, grid = _weight_grid(problem.w, w_bits, per_channel_weights, alpha, beta, n)
-    act_step, act_grid = act.steps(problem.x, alpha, beta, n)
-    per_column = per_channel_weights and problem.spec.separable
+    k, n_out = problem.w.shape
+    grid = weight_grid or BlockGrid(k, n_out, k, 1)
+    groups = act_groups or BlockGrid(k, 1, k, 1)
+    if (grid.k, grid.n) != (k, n_out) or (groups.k, groups.n) != (k, 1):
+        raise ValueError(f"grids must cover W {(k, n_out)} and X's {k} features, got {(grid.k, grid.n)} and "
+                         f"{(groups.k, groups.n)}")
+    if groups.shape[0] > 1 and not isinstance(act, UniformActQuantizer):
+        raise ValueError("activation groups need the uniform activation quantizer")
+    acts = _ActGroups(act, groups.row_slices())
+    starts = [act.steps(problem.x[:, columns], alpha, beta, n) for columns in acts.slices]
+    act_steps = np.asarray([step for step, _ in starts], dtype=np.float64)
+    act_grids = [candidates for _, candidates in starts]
+    delta0 = initial_block_steps(problem.w, grid, w_bits)
+    w_scale = delta0.copy()
 
     history: list[float] = []
     if rounds == 0:
-        history.append(_search_weights(problem, act, act_step, w_scale[None], w_bits, per_column)[1])
+        stats = _candidate_stats(problem, 1, lambda x_chunk: [acts.fake_quantize(x_chunk, act_steps) @
+                                                               blocked_fake_quantize(problem.w, w_scale, grid, w_bits)])
+        history.append(problem.spec.reduce(stats[0], problem.count))
     for _ in range(rounds):
-        candidates = np.vstack([w_scale, grid])
-        w_scale, value, initial = _search_weights(problem, act, act_step, candidates, w_bits, per_column)
+        w_scale, value, initial = _search_weights(problem, acts, act_steps, w_scale, delta0, grid, w_bits,
+                                                  (alpha, beta, n))
         if not history:
             history.append(initial)
         history.append(value)
-        act_step, value = _search_act(problem, act, np.concatenate([[act_step], act_grid]), w_scale, w_bits)
+        act_steps, value = _search_act(problem, acts, act_steps, act_grids, w_scale, grid, w_bits)
         history.append(value)
-    return LayerScales(
-        weight_scale=w_scale if per_channel_weights else np.float32(w_scale[0]).reshape(()),
-        act_scale=act.params(act_step),
-        metric_value=history[-1],
-        history=history,
-    )
+    act_scale = act.params(float(act_steps[0])) if len(acts.slices) == 1 else act_steps.astype(np.float32)
+    return LayerScales(weight_scale=w_scale, act_scale=act_scale, metric_value=history[-1], history=history)
 
 
 # ---------------------------------------------------------------- activation x activation MatMul

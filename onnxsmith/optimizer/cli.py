@@ -12,6 +12,7 @@ from onnxsmith.errors import PassError, UserError
 from onnxsmith.models.zoo import DEFAULT_ZOO_MODEL, get_zoo_model, zoo_names
 from onnxsmith.optimizer.manager import PassRecord
 from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file, plan
+from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, builtin_recipes
 
 EXAMPLES = f"""\
@@ -24,6 +25,7 @@ examples:
   optimize model.onnx --recipe w8a8 --act-dtype int8 --exclude lm_head --calib data.npz
   optimize zoo:vit-digits --recipe ptq4vit --wbits 6 --abits 6   PTQ4ViT (Hessian search + twin-uniform)
   optimize zoo:minilm --recipe base-ptq --wbits 4 --abits 8 --metric mse
+  optimize zoo:minilm --recipe ptq-sl --wbits 4 --grid 64x2   PTQ-SL: reorder channels + sub-layer weight grid
   optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
   optimize --list-recipes | --list-zoo
 
@@ -68,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                               help="twin-uniform quantizers on post-Softmax/GELU GEMM inputs")
     quantization.add_argument("--twin-form", choices=["fake-quant", "dual-gemm"],
                               help="ONNX form of twin-uniform tensors (dual-gemm: two integer GEMMs)")
+    quantization.add_argument("--grid", dest="weight_grid", type=_grid, metavar="NVxNH",
+                              help="weight blocks: output x input channel blocks, e.g. 16x4, allx2, per-channel, "
+                                   "per-tensor (ptq-sl, base-ptq, ptq4vit)")
+    quantization.add_argument("--act-groups", type=_positive, metavar="N",
+                              help="activation feature groups with one step each (ptq-sl; fake-quant only)")
+    quantization.add_argument("--weight-only", action="store_true", default=None,
+                              help="quantize weights only; activations stay float (ptq-qdq recipes)")
+    quantization.add_argument("--reorder", dest="strategy",
+                              choices=["auto", "producer-range", "consumer-range", "kmeans"],
+                              help="channel-reordering strategy (ptq-sl)")
     quantization.add_argument("--loss", choices=["auto", "pseudo-label", "contrastive"],
                               help="loss whose gradients weight the hessian metric (auto: from the model's task)")
     quantization.add_argument("--exclude", metavar="REGEX", action="append", default=[],
@@ -148,6 +160,20 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _grid(text: str) -> str:
+    try:
+        GridSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _pass_options(args: argparse.Namespace) -> dict[str, object]:
     """Command-line overrides of pass arguments (only the options the user gave)."""
     options: dict[str, object] = {}
@@ -155,7 +181,8 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
         options["act_dtype"] = args.act_dtype
     if args.calibrator:
         options["calibrator"] = args.calibrator
-    for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss"):
+    for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss", "weight_grid", "act_groups", "weight_only",
+                 "strategy"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.exclude:

@@ -18,6 +18,14 @@ activations ``abits``-bit symmetric per tensor, stored as ``act_dtype`` (uint8 w
 onnxruntime's fast CPU kernels, or int8 with zero point 0 for TensorRT; same values), below 8 bits narrowed by a
 float ``Clip`` before the pair. With ``twin=True`` post-Softmax and post-GELU inputs get PTQ4ViT's
 ``abits``-bit twin-uniform quantizer in ``twin_form`` ``"fake-quant"`` or ``"dual-gemm"`` (see ``int8-qdq``).
+
+Granularity (PTQ-SL, :mod:`onnxsmith.calibration.blocks`): ``weight_grid`` (``"per-channel"``, ``"per-tensor"``
+or ``"NVxNH"``: output x input channel blocks) gives every searched layer one weight step per block, searched
+per block; one input block is emitted as a per-tensor or per-channel ``DequantizeLinear`` (opset 13), more as
+an opset-21 blocked ``DequantizeLinear`` on the weight's input axis (the pass then needs opset 21).
+``act_groups`` splits each uniform activation input's features into that many groups with one step each,
+emitted as float fake quantization (``Div -> Round -> Clip -> Mul``; no runtime has an integer GEMM for it). Layouts the search cannot express stay per-channel.
+``weight_only`` quantizes weights alone: activations stay float, activation x activation MatMuls untouched.
 """
 
 from __future__ import annotations
@@ -31,14 +39,15 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
 
+from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
 from onnxsmith.calibration.gradients import LOSSES
 from onnxsmith.calibration.metrics import METRICS
 from onnxsmith.calibration.observers import Observer, SampleObserver
 from onnxsmith.calibration.scale_search import (
     ActQuantizer,
+    FloatActQuantizer,
     TwinActQuantizer,
     UniformActQuantizer,
-    initial_weight_steps,
     search_activation_matmul,
     search_layer,
 )
@@ -47,10 +56,12 @@ from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, Pa
 from onnxsmith.passes.graph_utils import export_graph, import_graph
 from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, Placement, QuantizeInt8
 from onnxsmith.passes.qdq_nodes import (
+    insert_grouped_fake_quant,
     insert_symmetric_qdq,
     insert_twin,
     insert_twin_parts,
     quantize_weight,
+    quantize_weight_blocks,
     split_gemm,
     weight_site,
 )
@@ -70,12 +81,19 @@ class Layer:
 
 @dataclass
 class LayerPlan:
-    """A layer's chosen steps: per-channel weight steps (weight layers) and each activation input's step."""
+    """A layer's chosen steps: weight steps (weight layers) and each activation input's step.
+
+    ``weight_scale`` holds block steps of ``grid`` (``[input blocks, output blocks]``), or per-channel steps when
+    ``grid`` is None (layouts without a GEMM form). An activation's step is an array of per-group steps when
+    ``act_grid`` splits its features.
+    """
 
     weight_scale: np.ndarray | None
-    act_params: dict[int, float | TwinParams]
+    act_params: dict[int, float | TwinParams | np.ndarray]
     searched: bool
     metric_value: float | None
+    grid: BlockGrid | None = None
+    act_grid: BlockGrid | None = None
 
 
 class PtqQuantize(Pass):
@@ -101,6 +119,9 @@ class PtqQuantize(Pass):
         alpha: float = 0.01,
         beta: float = 1.2,
         samples: int = 32,
+        weight_grid: str = "per-channel",
+        act_groups: int = 1,
+        weight_only: bool = False,
         activation_matmuls: bool = True,
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
@@ -117,6 +138,9 @@ class PtqQuantize(Pass):
             raise ValueError(f"act_dtype must be one of {sorted(ACT_DTYPES)}, got {act_dtype!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        self.grid_spec = GridSpec.parse(weight_grid)
+        if not isinstance(act_groups, int) or act_groups < 1:
+            raise ValueError(f"act_groups must be a positive integer, got {act_groups!r}")
         if rounds < 0 or n < 1 or samples < 1 or not 0 < alpha <= beta:
             raise ValueError(f"need rounds >= 0, n >= 1, samples >= 1, 0 < alpha <= beta; got "
                              f"rounds={rounds}, n={n}, samples={samples}, alpha={alpha}, beta={beta}")
@@ -124,7 +148,10 @@ class PtqQuantize(Pass):
         self.metric, self.loss = metric, loss
         self.twin, self.twin_form, self.act_dtype = twin, twin_form, act_dtype
         self.rounds, self.n, self.alpha, self.beta, self.samples = rounds, n, alpha, beta, samples
-        self.placer = QuantizeInt8(activation_matmuls=activation_matmuls, twin=twin, exclude_nodes=exclude_nodes,
+        self.act_groups, self.weight_only = act_groups, weight_only
+        self.min_opset = 13 if self.grid_spec.in_blocks == 1 else 21  # blocked DequantizeLinear is opset 21
+        self.placer = QuantizeInt8(activation_matmuls=activation_matmuls and not weight_only,
+                                   twin=twin and not weight_only, exclude_nodes=exclude_nodes,
                                    exclude_ops=exclude_ops, exclude_regex=exclude_regex)
 
     # ------------------------------------------------------------------ calibration
@@ -176,12 +203,16 @@ class PtqQuantize(Pass):
             "wbits": self.wbits,
             "abits": self.abits,
             "metric": self.metric if self.rounds else "none",
+            "weight_grid": str(self.grid_spec),
+            "weight_scales": sum(d.get("scales", 0) for d in details if d.get("kind") == "weight"),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
         modified = bool(layers)
         return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
 
     def _act_quantizer(self, tensor: str, twin_layouts: dict[str, str]) -> ActQuantizer:
+        if self.weight_only:
+            return FloatActQuantizer(self.abits)
         if tensor in twin_layouts:
             return TwinActQuantizer(twin_layouts[tensor], self.abits)  # type: ignore[arg-type]
         return UniformActQuantizer(self.abits)
@@ -202,9 +233,16 @@ class PtqQuantize(Pass):
         if matrices is None:
             return self._initial_plan(layer, index, quantizers[index], samples[index])
         x, w, g = matrices
+        reader, weight_index, _ = layer.weight
+        unit = int(np.prod(reader.inputs[weight_index].values.shape[2:])) if layer.node.op == "Conv" else 1
+        grid = self.grid_spec.grid(*w.shape, unit=unit)
+        act_grid = None
+        if self.act_groups > 1 and isinstance(quantizers[index], UniformActQuantizer):
+            act_grid = GridSpec(1, self.act_groups).grid(w.shape[0], 1, unit=unit)
         result = search_layer(x, w, w_bits=self.wbits, a_bits=self.abits, G=g, act_quantizer=quantizers[index],
-                              **options)
-        return LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value)
+                              weight_grid=grid, act_groups=act_grid, **options)
+        return LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value,
+                         grid, act_grid)
 
     def _initial_plan(self, layer: Layer, index: int, quantizer: ActQuantizer, samples: list[np.ndarray]) -> LayerPlan:
         """Max-based steps for a layer the search cannot express."""
@@ -218,15 +256,24 @@ class PtqQuantize(Pass):
     def _emit(self, graph: gs.Graph, layer: Layer, plan: LayerPlan) -> list[dict]:
         """Insert the layer's weight DQ and activation QDQ groups (twin inputs last: dual-GEMM copies the node)."""
         node = layer.node
+        feature_axis = _feature_axis(layer) if layer.weight is not None else -1  # read before the weight is replaced
         details: list[dict] = [{"node": node.name, "kind": "layer", "searched": plan.searched,
                                 "metric": self.metric, "metric_value": plan.metric_value}]
         if layer.weight is not None:
             reader, index, axis = layer.weight
-            dequantized, detail = quantize_weight(graph, reader.inputs[index], axis, plan.weight_scale, self.wbits,
-                                                  prefix=f"{node.name}_weight")
+            if plan.grid is None:
+                dequantized, detail = quantize_weight(graph, reader.inputs[index], axis, plan.weight_scale,
+                                                      self.wbits, prefix=f"{node.name}_weight")
+                detail["scales"] = int(np.size(plan.weight_scale))
+            else:
+                float_input = self.weight_only or plan.act_grid is not None
+                dequantized, detail = quantize_weight_blocks(graph, reader.inputs[index], axis, _input_axis(layer),
+                                                             plan.weight_scale, plan.grid, self.wbits,
+                                                             prefix=f"{node.name}_weight", guard=float_input)
             reader.inputs[index] = dequantized
             details.append({**detail, "node": node.name})
-        ordered = sorted(plan.act_params.items(), key=lambda item: isinstance(item[1], TwinParams))
+        ordered = sorted(((i, p) for i, p in plan.act_params.items() if p is not None),
+                         key=lambda item: isinstance(item[1], TwinParams))
         for index, params in ordered:
             tensor = node.inputs[index]
             prefix = f"{node.name}_input{index}"
@@ -239,9 +286,37 @@ class PtqQuantize(Pass):
                 else:
                     node.inputs[index] = insert_twin(graph, tensor, params, prefix)
                 continue
+            if isinstance(params, np.ndarray):
+                steps = np.repeat(params, plan.act_grid.channel_block)[: plan.act_grid.k // plan.act_grid.unit]
+                node.inputs[index] = insert_grouped_fake_quant(graph, tensor, steps, feature_axis, self.abits, prefix)
+                details.append({**detail, "dtype": "fake-quant", "bits": self.abits, "groups": len(params),
+                                "scale": [float(p) for p in params]})
+                continue
             node.inputs[index] = insert_symmetric_qdq(graph, tensor, params, self.abits, self.act_dtype, prefix)
             details.append({**detail, "dtype": self.act_dtype, "bits": self.abits, "scale": params})
         return details
+
+
+def _input_axis(layer: Layer) -> int:
+    """The input-channel axis of the layer's weight constant (the output-channel axis is ``layer.weight[2]``)."""
+    reader, index, _ = layer.weight
+    node = layer.node
+    if reader is not node:  # MatMul reading Transpose(constant): the constant axis that becomes W's rows
+        rank = reader.inputs[index].values.ndim
+        return reader.attrs.get("perm", list(reversed(range(rank))))[-2]
+    if node.op == "Conv":
+        return 1
+    if node.op == "Gemm":
+        return 1 if node.attrs.get("transB", 0) else 0
+    return reader.inputs[index].values.ndim - 2
+
+
+def _feature_axis(layer: Layer) -> int:
+    """The feature axis of the layer's activation input, counted from the last axis."""
+    node = layer.node
+    if node.op == "Conv":
+        return -(np.ndim(node.inputs[1].values) - 1)
+    return -2 if node.op == "Gemm" and node.attrs.get("transA", 0) else -1
 
 
 def _as_gemm(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxsmith.calibration.blocks import BlockGrid
 from onnxsmith.calibration.qparams import dequantize, quantize, symmetric_scale
 from onnxsmith.calibration.twin_uniform import TwinParams, UniformRange
 
@@ -84,6 +85,106 @@ def quantize_weight(
     sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
     dtype = "int8" if bits == 8 else f"int{bits} (in int8)"
     return output, {"tensor": weight.name, "kind": "weight", "dtype": dtype, "axis": axis, "sqnr_db": sqnr}
+
+
+def quantize_weight_blocks(
+    graph: gs.Graph,
+    weight: gs.Constant,
+    out_axis: int,
+    in_axis: int,
+    block_scales: np.ndarray,
+    grid: BlockGrid,
+    bits: int,
+    prefix: str,
+    guard: bool = False,
+) -> tuple[gs.Variable, dict]:
+    """``DequantizeLinear`` of ``weight`` quantized with one symmetric ``bits``-bit step per block of ``grid``.
+
+    ``block_scales`` ``[input blocks, output blocks]`` index the constant's ``in_axis`` (input channels; a
+    Conv's kernel taps follow their channel) and ``out_axis``. One input block is a per-tensor (one scale) or
+    per-channel ``DequantizeLinear`` on ``out_axis`` whose scales repeat each output block's step (opset 13);
+    more are an opset-21 blocked ``DequantizeLinear`` on ``in_axis`` with ``block_size = grid.channel_block``
+    and those steps repeated along every other axis. Values are int8 with zero point 0, rounded half to even
+    and clipped to ``-2**(bits-1) .. 2**(bits-1)-1``. A blocked form, and any form when ``guard`` (the GEMM's
+    activation is not a QDQ pair), goes through :func:`_fusion_guard`. Returns the dequantized tensor and a
+    report entry.
+    """
+    values = weight.values.astype(np.float32)
+    channels = values.shape[in_axis]
+    block_scales = np.asarray(block_scales, dtype=np.float32)
+    per_pair = np.repeat(np.repeat(block_scales, grid.channel_block, axis=0)[:channels], grid.col_block, axis=1)
+    per_pair = per_pair[:, : values.shape[out_axis]]  # [input channels, output channels]
+    shape = [1] * values.ndim
+    shape[in_axis], shape[out_axis] = per_pair.shape
+    full = (per_pair if in_axis < out_axis else per_pair.T).reshape(shape)
+    half = 2 ** (bits - 1)
+    with np.errstate(over="ignore"):
+        levels = np.clip(np.rint(values / full), -half, half - 1).astype(np.int8)
+    restored = levels.astype(np.float32) * full
+    attrs: dict = {}
+    if grid.scales == 1:
+        scale = block_scales.reshape(())
+    elif block_scales.shape[0] == 1:
+        scale, attrs = per_pair[0], {"axis": out_axis}
+    else:
+        blocked_shape = list(values.shape)
+        blocked_shape[in_axis] = block_scales.shape[0]
+        scale = np.broadcast_to(np.take(full, np.arange(0, channels, grid.channel_block), axis=in_axis),
+                                blocked_shape).copy()
+        attrs = {"axis": in_axis, "block_size": grid.channel_block}
+    q_const = gs.Constant(f"{prefix}_int8", levels)
+    scale_const = gs.Constant(f"{prefix}_scale", np.ascontiguousarray(scale, dtype=np.float32))
+    zp_const = gs.Constant(f"{prefix}_zero_point", np.zeros(np.shape(scale), dtype=np.int8))
+    output = gs.Variable(f"{prefix}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear", attrs=attrs,
+                               inputs=[q_const, scale_const, zp_const], outputs=[output]))
+    if guard or "block_size" in attrs:
+        output = _fusion_guard(graph, output, prefix)
+    noise = float(np.sum((values - restored) ** 2))
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
+    return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8" if bits == 8 else f"int{bits} (in int8)",
+                    "grid": f"{block_scales.shape[1]}x{block_scales.shape[0]}", "scales": grid.scales,
+                    "form": "blocked" if "block_size" in attrs else "per-channel" if attrs else "per-tensor",
+                    "sqnr_db": sqnr}
+
+
+def _fusion_guard(graph: gs.Graph, tensor: gs.Variable, prefix: str) -> gs.Variable:
+    """``Reshape(tensor, [0, 0, ...])`` (a no-op): keeps a weight ``DequantizeLinear`` from being fused into its
+    GEMM where onnxruntime 1.32's fusions would change the graph's values.
+
+    Its QDQ fusion turns ``DQ(activation), blocked DQ(weight) -> MatMul`` into a ``MatMulIntegerToFloat`` that
+    rejects the blocked scale at run time, and ``DQ(int8 weight) -> MatMul`` with a float activation into
+    ``MatMulNBits`` (bits 8, accuracy_level 4), which quantizes the activation to int8 on the fly. With the
+    Reshape between them the weight is dequantized and the GEMM runs in float, as the graph says (tested).
+    """
+    shape = gs.Constant(f"{prefix}_shape", np.zeros(len(tensor.shape), dtype=np.int64))
+    output = gs.Variable(f"{prefix}_blocked", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Reshape", f"{prefix}_fusion_guard", inputs=[tensor, shape], outputs=[output]))
+    return output
+
+
+def insert_grouped_fake_quant(graph: gs.Graph, tensor: gs.Variable, steps: np.ndarray, axis: int, bits: int,
+                              prefix: str) -> gs.Variable:
+    """Symmetric ``bits``-bit fake quantization of ``tensor`` with one step per channel of ``axis`` (negative:
+    counted from the last axis; ``steps`` 1-D): ``Mul(Clip(Round(Div(x, s)), -2**(bits-1), 2**(bits-1)-1), s)``.
+
+    The same float32 division and round-half-to-even as ``QuantizeLinear``, so the values equal a per-axis
+    QDQ pair's. Float ops rather than a per-axis pair because onnxruntime 1.32's QDQ fusion mishandles per-axis
+    activation scales in front of a GEMM (a run-time error, or wrong values behind a Reshape); no runtime has a
+    per-channel-activation integer GEMM, so nothing is lost.
+    """
+    if axis >= 0:
+        raise ValueError(f"axis must be negative (counted from the last axis), got {axis}")
+    half = 2 ** (bits - 1)
+    steps = gs.Constant(f"{prefix}_scale", np.asarray(steps, dtype=np.float32).reshape([-1] + [1] * (-axis - 1)))
+    low = gs.Constant(f"{prefix}_low", np.asarray(-half, np.float32))
+    high = gs.Constant(f"{prefix}_high", np.asarray(half - 1, np.float32))
+    current = tensor
+    for op, extra in (("Div", [steps]), ("Round", []), ("Clip", [low, high]), ("Mul", [steps])):
+        out = gs.Variable(f"{prefix}_{op.lower()}", dtype=tensor.dtype, shape=tensor.shape)
+        graph.nodes.append(gs.Node(op, f"{prefix}_{op}", inputs=[current, *extra], outputs=[out]))
+        current = out
+    return current
 
 
 def insert_symmetric_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float, bits: int, dtype: str,
