@@ -7,6 +7,7 @@ from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
 from onnxsmith.passes.ptq_qdq import PtqQuantize
 from onnxsmith.passes.qdq_int8 import QuantizeInt8
 from onnxsmith.passes.remove_dead_nodes import RemoveDeadNodes
+from onnxsmith.passes.reorder_channels import ReorderChannels
 from onnxsmith.passes.shape_inference import ShapeInference
 from onnxsmith.passes.upgrade_opset import UpgradeOpset
 
@@ -18,6 +19,7 @@ PASSES: dict[str, type[Pass]] = {
         ConstantFolding,
         FoldBatchNorm,
         RemoveDeadNodes,
+        ReorderChannels,
         UpgradeOpset,
         QuantizeInt8,
         PtqQuantize,
