@@ -242,3 +242,13 @@ def test_weight_only_leaves_activations_float():
     untouched, _ = quantize(graphs.attention_block(), [{"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}],
                             wbits=4, rounds=0, weight_only=True)
     assert not [n for n in untouched.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def test_ptq_sl_recipe_gives_the_grid_and_bits_to_both_passes():
+    from onnxsmith.optimizer.recipes import load_recipe
+
+    passes = {p.name: p for p in load_recipe("ptq-sl").build({"weight_grid": "32x4", "wbits": 4})}
+    assert list(passes)[-2:] == ["reorder-channels", "ptq-qdq"]
+    assert passes["ptq-qdq"].grid_spec == GridSpec(32, 4) and passes["ptq-qdq"].wbits == 4
+    assert passes["ptq-qdq"].min_opset == 21
+    assert passes["reorder-channels"].weight_grid == GridSpec(32, 4) and passes["reorder-channels"].wbits == 4
