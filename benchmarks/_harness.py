@@ -1,7 +1,8 @@
 """Shared helpers for the benchmark scripts: child processes, peak RSS, interleaved latency, feeds on disk, output.
 
-Nothing here knows about a particular model or quantizer. To measure a step's peak memory, run it in a fresh
-child process (:func:`run_child`) that reports :func:`peak_rss_mib` itself.
+Nothing here knows about a particular model. The one quantizer call here is onnxruntime's ``quantize_static`` in
+the configuration the comparisons share (:func:`ort_static_qdq`). To measure a step's peak memory, run it in a
+fresh child process (:func:`run_child`) that reports :func:`peak_rss_mib` itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 Feed = dict[str, np.ndarray]
 
@@ -74,6 +76,47 @@ def cpu_session(path: Path) -> ort.InferenceSession:
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _FeedReader(CalibrationDataReader):
+    """onnxruntime calibration reader over a list of feeds, in order."""
+
+    def __init__(self, feeds: list[Feed]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._feeds, None)
+
+
+def ort_static_qdq(
+    model: Path,
+    output: Path,
+    feeds: list[Feed],
+    op_types: Sequence[str],
+    calibrator: CalibrationMethod,
+    weight_type: QuantType,
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+) -> None:
+    """onnxruntime ``quantize_static`` of ``model`` into ``output``, calibrated on ``feeds`` in order: QDQ,
+    ``weight_type`` weights (per channel or per tensor), QUInt8 activations, only ``op_types``, no Q/DQ on MatMul
+    outputs (``OpTypesToExcludeOutputQuantization``); the nodes named in ``nodes_to_exclude`` stay float.
+
+    onnxruntime writes intermediate files beside ``model`` and into the working directory.
+    """
+    quantize_static(
+        str(model),
+        str(output),
+        _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(op_types),
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=weight_type,
+        calibrate_method=calibrator,
+        nodes_to_exclude=list(nodes_to_exclude),
+        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+    )
 
 
 def save_feeds(path: Path, feeds: Sequence[Feed]) -> None:

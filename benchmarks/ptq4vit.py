@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod, QuantType
 
 from _harness import (
     Feed,
@@ -64,6 +64,7 @@ from _harness import (
     environment,
     interleaved_latency_ms,
     markdown_table,
+    ort_static_qdq,
     paired_ratios,
     write_json,
 )
@@ -254,16 +255,6 @@ class Method:
     variants: Callable[[Bits], list[Variant]]
 
 
-class _FeedReader(CalibrationDataReader):
-    """onnxruntime calibration reader over a list of feeds, in order."""
-
-    def __init__(self, feeds: list[Feed]) -> None:
-        self._feeds = iter(feeds)
-
-    def get_next(self) -> Feed | None:
-        return next(self._feeds, None)
-
-
 ORT_CALIBRATORS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -278,18 +269,7 @@ def ort_static(calibrator: CalibrationMethod, weight_type: QuantType) -> Quantiz
     op types, no Q/DQ on MatMul outputs."""
 
     def quantize(data: ModelData, output: Path) -> None:
-        quantize_static(
-            str(data.fp32),
-            str(output),
-            _FeedReader(data.ort_calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(data.spec.ort_op_types),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=weight_type,
-            calibrate_method=calibrator,
-            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
-        )
+        ort_static_qdq(data.fp32, output, data.ort_calibration, data.spec.ort_op_types, calibrator, weight_type)
 
     return quantize
 

@@ -198,3 +198,17 @@ def test_w8a8_with_a_calibration_folder(model_file, tmp_path):
                  "--report", str(tmp_path / "rep"), "-q"]) == 0
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["passes"][-1]["changes"]["activations_quantized"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [(["--grid", "0x4"], "grid"), (["--grid", "16"], "grid"),
+                                            (["--act-groups", "0"], "positive integer")])
+def test_bad_grid_options_are_exit_2(model_file, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--recipe", "ptq-sl", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_grid_options_reach_the_ptq_sl_passes(model_file, capsys):
+    assert main([str(model_file), "--recipe", "ptq-sl", "--grid", "2x2", "--reorder", "kmeans", "--dry-run"]) == 0
+    assert main([str(model_file), "--recipe", "cleanup", "--grid", "2x2", "--dry-run"]) == 2
+    assert "no pass that takes ['weight_grid']" in capsys.readouterr().err
