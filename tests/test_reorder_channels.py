@@ -65,23 +65,14 @@ def conv_depthwise_conv():
 
 
 def mlp_gelu():
-    rng = np.random.default_rng(3)
-    scales = channel_scales(rng, 32)
-    inits = [weight(rng, (16, 32), "w1", 1, scales), weight(rng, (32,), "b1"),
-             weight(rng, (32, 8), "w2", 0, scales), weight(rng, (8,), "b2"),
-             scalar(1 / np.sqrt(2), "inv_sqrt2"), scalar(1.0, "one"), scalar(0.5, "half")]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
-        helper.make_node("Mul", ["hb", "inv_sqrt2"], ["hs"], name="gelu_scale"),
-        helper.make_node("Erf", ["hs"], ["he"], name="gelu_erf"),
-        helper.make_node("Add", ["he", "one"], ["h1"], name="gelu_add"),
-        helper.make_node("Mul", ["hb", "h1"], ["hm"], name="gelu_mul"),
-        helper.make_node("Mul", ["hm", "half"], ["g"], name="gelu_half"),
-        helper.make_node("MatMul", ["g", "w2"], ["o"], name="fc2"),
-        helper.make_node("Add", ["o", "b2"], ["y"], name="fc2_bias"),
-    ]
-    return graphs.make_model(nodes, [tensor("x", ["N", "S", 16])], [tensor("y", ["N", "S", 8])], inits)
+    """graphs.matmul_add_gelu with its 32 hidden channels alternately wide and narrow (fc1 columns, fc2 rows)."""
+    model = graphs.matmul_add_gelu()
+    scales = channel_scales(np.random.default_rng(3), 32)
+    for index, init in enumerate(model.graph.initializer):
+        if init.name in ("w1", "w2"):
+            values = numpy_helper.to_array(init) * (scales[None] if init.name == "w1" else scales[:, None])
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values.astype(np.float32), init.name))
+    return model
 
 
 def swiglu_mlp():
