@@ -103,6 +103,36 @@ class PerChannelMinMaxObserver(Observer):
         self.max = high if self.max is None else np.maximum(self.max, high)
 
 
+class ChannelNormObserver(Observer):
+    """Running sum of squares of every channel (index along ``axis``), Wanda's ``‖X_j‖₂²`` over all tokens.
+
+    ``sum_squares`` is a float64 array of shape ``(channels,)`` (None before data) and ``norms`` its square root.
+    The first batch fixes the channel count; a batch with another count raises ValueError.
+    """
+
+    def __init__(self, axis: int = -1, name: str | None = None) -> None:
+        super().__init__(name)
+        self.axis = axis
+        self.sum_squares: np.ndarray | None = None
+
+    @property
+    def norms(self) -> np.ndarray | None:
+        return None if self.sum_squares is None else np.sqrt(self.sum_squares)
+
+    def state_bytes(self) -> int:
+        return 0 if self.sum_squares is None else self.sum_squares.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        if not -values.ndim <= self.axis < values.ndim:
+            raise ValueError(f"{self._label()}: axis {self.axis} is out of range for shape {values.shape}")
+        channels = np.moveaxis(values, self.axis, 0).reshape(values.shape[self.axis], -1)
+        if self.sum_squares is not None and channels.shape[0] != self.sum_squares.size:
+            raise ValueError(f"{self._label()}: batch has {channels.shape[0]} channels along axis {self.axis}, "
+                             f"earlier batches had {self.sum_squares.size}")
+        squares = np.einsum("ct,ct->c", channels, channels)
+        self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
+
+
 class HistogramObserver(Observer):
     """Histogram of all values over a symmetric range ``[-R, R]`` with ``bins`` equal bins, plus exact min/max.
 

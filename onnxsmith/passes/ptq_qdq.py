@@ -63,6 +63,7 @@ from onnxsmith.passes.qdq_nodes import (
     quantize_weight,
     quantize_weight_blocks,
     split_gemm,
+    weight_input_axis,
     weight_site,
 )
 
@@ -267,7 +268,8 @@ class PtqQuantize(Pass):
                 detail["scales"] = int(np.size(plan.weight_scale))
             else:
                 float_input = self.weight_only or plan.act_grid is not None
-                dequantized, detail = quantize_weight_blocks(graph, reader.inputs[index], axis, _input_axis(layer),
+                in_axis = weight_input_axis(node, reader, index)
+                dequantized, detail = quantize_weight_blocks(graph, reader.inputs[index], axis, in_axis,
                                                              plan.weight_scale, plan.grid, self.wbits,
                                                              prefix=f"{node.name}_weight", guard=float_input)
             reader.inputs[index] = dequantized
@@ -295,20 +297,6 @@ class PtqQuantize(Pass):
             node.inputs[index] = insert_symmetric_qdq(graph, tensor, params, self.abits, self.act_dtype, prefix)
             details.append({**detail, "dtype": self.act_dtype, "bits": self.abits, "scale": params})
         return details
-
-
-def _input_axis(layer: Layer) -> int:
-    """The input-channel axis of the layer's weight constant (the output-channel axis is ``layer.weight[2]``)."""
-    reader, index, _ = layer.weight
-    node = layer.node
-    if reader is not node:  # MatMul reading Transpose(constant): the constant axis that becomes W's rows
-        rank = reader.inputs[index].values.ndim
-        return reader.attrs.get("perm", list(reversed(range(rank))))[-2]
-    if node.op == "Conv":
-        return 1
-    if node.op == "Gemm":
-        return 1 if node.attrs.get("transB", 0) else 0
-    return reader.inputs[index].values.ndim - 2
 
 
 def _feature_axis(layer: Layer) -> int:

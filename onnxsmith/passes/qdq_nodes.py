@@ -42,6 +42,20 @@ def weight_site(node: gs.Node) -> tuple[gs.Node, int, int | None] | None:
     return None
 
 
+def weight_input_axis(node: gs.Node, reader: gs.Node, index: int) -> int:
+    """The input-channel (reduction) axis of the constant a ``weight_site`` names: Conv 1, Gemm 1 with
+    ``transB=1`` else 0, MatMul the second-to-last axis (for a ``Transpose`` reader, the constant's axis that
+    becomes it)."""
+    if reader is not node:
+        rank = reader.inputs[index].values.ndim
+        return reader.attrs.get("perm", list(reversed(range(rank))))[-2]
+    if node.op == "Conv":
+        return 1
+    if node.op == "Gemm":
+        return 1 if node.attrs.get("transB", 0) else 0
+    return reader.inputs[index].values.ndim - 2
+
+
 def weight_axis(node: gs.Node, rank: int) -> int | None:
     """The output-channel axis of a constant weight of ``rank`` read directly by ``node``."""
     if node.op == "Conv":
