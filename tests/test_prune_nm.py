@@ -1,0 +1,111 @@
+"""prune-nm: N:M masks on the input axis TensorRT needs, magnitude vs Wanda scores, skips, and the norm observer."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphs
+from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.calibration.observers import ChannelNormObserver
+from onnxsmith.optimizer.manager import PassManager
+from onnxsmith.optimizer.pass_base import PassContext
+from onnxsmith.passes import PruneNM, ShapeInference
+from onnxsmith.passes.prune_nm import nm_mask, satisfies_nm
+
+
+def single(op, weight, x_shape, y_shape, **attrs):
+    model = graphs.make_model(
+        [helper.make_node(op, ["x", "w"], ["y"], name="layer", **attrs)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return model
+
+
+def prune(model, feeds=None, **options):
+    result = PassManager([ShapeInference(), PruneNM(**options)]).run(model, PassContext(calibration_data=feeds))
+    return result.model, result.records[-1]
+
+
+def pruned_weight(model):
+    (init,) = [t for t in model.graph.initializer if t.name.startswith("w_")]
+    return numpy_helper.to_array(init)
+
+
+RNG = np.random.default_rng(0)
+CASES = [
+    ("MatMul", RNG.standard_normal((64, 72)).astype(np.float32), ["N", 64], ["N", 72], {}, 0),
+    ("Gemm", RNG.standard_normal((72, 64)).astype(np.float32), ["N", 64], ["N", 72], {"transB": 1}, 1),
+    ("Gemm", RNG.standard_normal((64, 72)).astype(np.float32), ["N", 64], ["N", 72], {"transB": 0}, 0),
+    ("Conv", RNG.standard_normal((64, 64, 3, 3)).astype(np.float32), [1, 64, 5, 5], [1, 64, 3, 3], {}, 1),
+]
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+@pytest.mark.parametrize("op, weight, x_shape, y_shape, attrs, axis", CASES)
+def test_every_pruned_weight_is_n_of_m_on_the_input_axis(op, weight, x_shape, y_shape, attrs, axis, n, m):
+    pruned_model, record = prune(single(op, weight, x_shape, y_shape, **attrs), n=n, m=m)
+    pruned = pruned_weight(pruned_model)
+    assert satisfies_nm(pruned, n, m, axis)
+    assert not satisfies_nm(pruned, n, m, 1 - axis if pruned.ndim == 2 else 0) or pruned.shape[0] < m
+    assert np.count_nonzero(pruned) == weight.size * n // m
+    kept = pruned != 0
+    np.testing.assert_array_equal(pruned[kept], weight[kept])  # kept weights are not updated
+    # magnitude: in every group the kept entries are the largest |w|
+    moved = np.moveaxis(np.abs(weight), axis, 0).reshape(weight.shape[axis] // m, m, -1)
+    kept_moved = np.moveaxis(kept, axis, 0).reshape(moved.shape)
+    assert (np.where(kept_moved, moved, np.inf).min(axis=1) >= np.where(kept_moved, -np.inf, moved).max(axis=1)).all()
+    assert record.changes["pruned"] == 1
+    feed = {"x": RNG.standard_normal([2 if d == "N" else d for d in x_shape]).astype(np.float32)}
+    assert np.isfinite(run_session(create_session(pruned_model), feed)["y"]).all()
+
+
+def test_wanda_weighs_magnitudes_by_input_channel_norms():
+    w = np.ones((64, 64), np.float32)
+    w[1::4] = w[3::4] = 2.0  # magnitude keeps input channels 1 and 3 of every group of 4
+    scale = np.ones(64, np.float32)
+    scale[0::4] = 10.0  # channel 0 of every group is 10x louder: Wanda keeps it
+    feeds = [{"x": (RNG.standard_normal((16, 64)) * scale).astype(np.float32)} for _ in range(3)]
+    model = single("MatMul", w, ["N", 64], ["N", 64])
+    magnitude = pruned_weight(prune(model, n=2, m=4)[0])
+    wanda = pruned_weight(prune(model, feeds, n=2, m=4, metric="wanda")[0])
+    assert (magnitude[0::4] == 0).all() and (magnitude[1::4] != 0).all()
+    assert (wanda[0::4] != 0).all() and satisfies_nm(wanda, 2, 4, 0)
+    norms = np.sqrt(sum((f["x"].astype(np.float64) ** 2).sum(axis=0) for f in feeds))
+    np.testing.assert_array_equal(wanda != 0, nm_mask(np.abs(w) * norms[:, None], 2, 4, 0))
+
+
+def test_small_excluded_and_ragged_layers_are_skipped_with_reasons():
+    nodes = [helper.make_node("MatMul", ["x", "w_small"], ["a"], name="small"),
+             helper.make_node("MatMul", ["a", "w_odd"], ["b"], name="odd"),
+             helper.make_node("MatMul", ["b", "w_head"], ["y"], name="lm_head")]
+    inits = [numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w_small", (64, 30)), ("w_odd", (30, 64)), ("w_head", (64, 64)))]
+    model = graphs.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], inits)
+    pruned, record = prune(model, exclude_regex=["head"], min_channels=16)
+    reasons = {d["node"]: d["reason"] for d in record.details if d["kind"] == "skipped"}
+    assert set(reasons) == {"odd", "lm_head"} and "multiple of 4" in reasons["odd"] and reasons["lm_head"] == "excluded"
+    assert record.changes["pruned"] == 1
+    _, default = prune(model)
+    assert "fewer than 64" in {d["node"]: d.get("reason") for d in default.details}["small"]
+
+
+def test_bad_options_and_wanda_needs_calibration():
+    for options in ({"n": 4, "m": 4}, {"n": 0}, {"metric": "entropy"}, {"min_channels": 0}):
+        with pytest.raises(ValueError):
+            PruneNM(**options)
+    assert PruneNM().needs_calibration is False and PruneNM(metric="wanda").needs_calibration is True
+
+
+def test_channel_norm_observer_streams_sum_of_squares():
+    batches = [RNG.standard_normal((2, 5, 7)) for _ in range(3)]
+    observer = ChannelNormObserver(axis=1)
+    for batch in batches:
+        observer.observe(batch)
+    expected = sum((b ** 2).sum(axis=(0, 2)) for b in batches)
+    np.testing.assert_allclose(observer.sum_squares, expected)
+    np.testing.assert_allclose(observer.norms, np.sqrt(expected))
+    with pytest.raises(ValueError, match="channels"):
+        observer.observe(np.ones((2, 4, 7)))
