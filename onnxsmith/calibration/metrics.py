@@ -119,6 +119,16 @@ def hessian(output: ArrayLike, quantized: ArrayLike, grad: ArrayLike) -> float:
     return evaluate_metric(SPECS["hessian"], output, quantized, grad)
 
 
+def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(signal / noise)`` in dB from the two energies (sums of
+    squares); ``inf`` for zero noise, ``-inf`` for zero signal with noise."""
+    if noise_energy == 0:
+        return float("inf")
+    if signal_energy == 0:
+        return float("-inf")
+    return float(10 * np.log10(signal_energy / noise_energy))
+
+
 def metric_fn(name: str) -> Metric:
     """The metric ``name`` as ``f(output, quantized, grad=None) -> float`` (lower is better).
 

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.calibration.qparams import fake_quantize
 
 
@@ -248,9 +249,7 @@ class QuantizationNoiseObserver(Observer):
 
     def sqnr_db(self) -> float:
         """The SQNR in dB (``inf`` when quantization is exact on the observed values)."""
-        if self.noise == 0:
-            return float("inf")
-        return float(10 * np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+        return sqnr_db(self.signal, self.noise)
 
 
 class ReservoirObserver(Observer):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -17,6 +16,7 @@ from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.models.base import Feed, ZooModel
 from onnxsmith.optimizer.layer_fidelity import activation_sqnr
 
@@ -94,15 +94,6 @@ def evaluate(
         result.activation_sqnr_db = activation_sqnr(onnx.load(str(reference)), candidate_model,
                                                     feeds[:LAYER_FEEDS], progress=progress)
     return result
-
-
-def sqnr_db(signal_energy: float, noise_energy: float) -> float:
-    """10·log10(signal / noise); ``inf`` for zero noise."""
-    if noise_energy == 0:
-        return math.inf
-    if signal_energy == 0:
-        return -math.inf
-    return 10 * math.log10(signal_energy / noise_energy)
 
 
 def median_latency_ms(session: ort.InferenceSession, feed: Feed, runs: int) -> float:

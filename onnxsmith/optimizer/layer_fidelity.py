@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.collection import with_outputs
+from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.models.base import Feed
 
 CHAIN_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Clip", "Less", "Where"})
@@ -102,10 +103,4 @@ def activation_sqnr(
             v = sum(values[name].astype(np.float64) for name in visible)
             signal[label] += float(np.sum(t * t))
             noise[label] += float(np.sum((v - t) ** 2))
-    return {label: _db(signal[label], noise[label]) for label in inputs}
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return float("inf")
-    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+    return {label: sqnr_db(signal[label], noise[label]) for label in inputs}

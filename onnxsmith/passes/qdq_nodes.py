@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.blocks import BlockGrid
+from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.calibration.qparams import dequantize, quantize, symmetric_scale
 from onnxsmith.calibration.twin_uniform import TwinParams, UniformRange
 
@@ -95,8 +96,7 @@ def quantize_weight(
     output = gs.Variable(f"{prefix}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
                                attrs={"axis": axis}, inputs=[q_const, scale_const, zp_const], outputs=[output]))
-    noise = float(np.sum((values - restored) ** 2))
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
+    sqnr = sqnr_db(float(np.sum(values.astype(np.float64) ** 2)), float(np.sum((values - restored) ** 2.0)))
     dtype = "int8" if bits == 8 else f"int{bits} (in int8)"
     return output, {"tensor": weight.name, "kind": "weight", "dtype": dtype, "axis": axis, "sqnr_db": sqnr}
 
@@ -154,8 +154,7 @@ def quantize_weight_blocks(
                                inputs=[q_const, scale_const, zp_const], outputs=[output]))
     if guard or "block_size" in attrs:
         output = _fusion_guard(graph, output, prefix)
-    noise = float(np.sum((values - restored) ** 2))
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(values**2) / noise))
+    sqnr = sqnr_db(float(np.sum(values.astype(np.float64) ** 2)), float(np.sum((values - restored) ** 2.0)))
     return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8" if bits == 8 else f"int{bits} (in int8)",
                     "grid": f"{block_scales.shape[1]}x{block_scales.shape[0]}", "scales": grid.scales,
                     "form": "blocked" if "block_size" in attrs else "per-channel" if attrs else "per-tensor",
