@@ -289,15 +289,20 @@ def test_mlp_with_erf_gelu_is_reordered():
     np.testing.assert_array_equal(weight_of(after, "fc1_bias"), weight_of(model, "fc1_bias")[p])
 
 
-def test_swiglu_gate_and_up_share_one_permutation():
-    model = swiglu_mlp()
+@pytest.mark.parametrize("build, producers, consumers", [
+    (swiglu_mlp, ["gate_proj", "up_proj"], ["down_proj"]),  # silu(gate) * up
+    (residual_pair, ["left", "right"], None),  # Add of two producers
+])
+def test_two_producers_joined_in_the_region_share_one_permutation(build, producers, consumers):
+    model = build()
     after, record = run_pass(model, weight_grid=GRID)
     detail, = assert_reordered(record)
-    assert sorted(detail["producers"]) == ["gate_proj", "up_proj"] and detail["consumers"] == ["down_proj"]
-    gate = recovered_permutation(weight_of(model, "gate_proj"), weight_of(after, "gate_proj"), 1)
-    up = recovered_permutation(weight_of(model, "up_proj"), weight_of(after, "up_proj"), 1)
-    assert_not_identity(gate)
-    np.testing.assert_array_equal(gate, up)
+    assert sorted(detail["producers"]) == producers
+    if consumers is not None:
+        assert detail["consumers"] == consumers
+    first, second = (recovered_permutation(weight_of(model, name), weight_of(after, name), 1) for name in producers)
+    assert_not_identity(first)
+    np.testing.assert_array_equal(first, second)
 
 
 def test_attention_values_are_reordered_within_heads():
@@ -314,17 +319,6 @@ def test_attention_values_are_reordered_within_heads():
     assert_not_identity(p)
     np.testing.assert_array_equal(p // HEAD_DIM, np.arange(len(p)) // HEAD_DIM)
     np.testing.assert_array_equal(weight_of(after, "o_proj"), weight_of(model, "o_proj")[p])
-
-
-def test_residual_add_of_two_producers_shares_one_permutation():
-    model = residual_pair()
-    after, record = run_pass(model, weight_grid=GRID)
-    detail, = assert_reordered(record)
-    assert sorted(detail["producers"]) == ["left", "right"]
-    left = recovered_permutation(weight_of(model, "left"), weight_of(after, "left"), 1)
-    right = recovered_permutation(weight_of(model, "right"), weight_of(after, "right"), 1)
-    assert_not_identity(left)
-    np.testing.assert_array_equal(left, right)
 
 
 def test_a_constant_shared_outside_the_region_gets_a_permuted_copy():
