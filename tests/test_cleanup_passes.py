@@ -4,8 +4,11 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx import TensorProto, helper
+
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.optimizer.manager import PassManager
 from onnxsmith.optimizer.pass_base import PassContext, default_opset
 from onnxsmith.passes import (
     ConstantFolding,
@@ -133,3 +136,23 @@ def test_passes_keep_model_level_fields():
     result = FoldBatchNorm().run(copy(model), PassContext())
     assert result.model.producer_name == "unit-test"
     assert {p.key: p.value for p in result.model.metadata_props} == {"owner": "me"}
+
+
+def test_symbolic_shape_inference_merges_symbols_broadcasting_equates():
+    """x [N, S] + relu(y [N, T]) forces T = S: onnx keeps two unknowns, the symbolic option writes one symbol."""
+    model = graphs.make_model(
+        [helper.make_node("Relu", ["y"], ["r"], name="relu"), helper.make_node("Add", ["x", "r"], ["z"], name="add")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S"]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", "S"])],
+    )
+
+    def relu_shape(result):
+        (info,) = [i for i in result.model.graph.value_info if i.name == "r"]
+        return [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+
+    plain = PassManager([ShapeInference()]).run(model)
+    symbolic = PassManager([ShapeInference(symbolic=True)]).run(model)
+    assert relu_shape(plain) == ["N", "T"]
+    assert relu_shape(symbolic) == ["N", "S"]
+    assert symbolic.records[0].modified

@@ -11,9 +11,9 @@ of two producers makes them share one permutation, so does SwiGLU's ``silu(gate)
 depthwise Conv, and the attention path ``V -> Reshape [.., H, D] -> Transpose -> MatMul(P, V) -> Transpose ->
 Reshape [.., H * D] -> O-proj``; a region that splits channels into heads may only permute within heads. A region
 that reaches a graph input or output, any other op, a non-constant weight or channel counts that disagree is
-left untouched and reported as skipped with the reason. Static shapes come from onnxruntime's symbolic shape
-inference, else the model's ``value_info``; where a rank or size the rewrite depends on is unknown the region is
-skipped.
+left untouched and reported as skipped with the reason. Static shapes come from the model's ``value_info`` (run
+``shape-inference`` with ``symbolic=True`` first); where a rank or size the rewrite depends on is unknown the
+region is skipped.
 
 The permutation per region comes from :func:`onnxsmith.calibration.channel_order.choose_permutation` on the
 region's weights with ``weight_grid`` and ``wbits``. Constants also used outside their region get permuted copies.
@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.calibration.channel_order import STRATEGIES, GemmWeight, choose_permutation
@@ -122,7 +121,7 @@ class ReorderChannels(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
-        shapes = Shapes(model)
+        shapes = Shapes()
         names = set(graph.tensors())
         claimed: set[int] = set()
         details, reordered = [], 0
@@ -158,46 +157,18 @@ class ReorderChannels(Pass):
 
 
 class Shapes:
-    """Static tensor shapes (ints, symbols or None per dim): onnxruntime's symbolic shape inference where it runs,
-    else the model's ``value_info``; constants have their values' shape.
-
-    The symbolic inference merges symbols that broadcasting requires to be equal (``auto_merge``), so it knows,
-    e.g., that attention probabilities and values share the sequence length where onnx's inference gives two
-    unrelated unknowns; the manager's verification backs that assumption on its probes.
-    """
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.inferred = _symbolic_shapes(model)
+    """Static tensor shapes (ints, symbols or None per dim) from the model's ``value_info``; constants have their
+    values' shape. Run ``shape-inference`` with ``symbolic=True`` first: its merged symbols tell, e.g., that
+    attention probabilities and values share the sequence length."""
 
     def of(self, tensor: gs.Tensor) -> list[int | str | None] | None:
         if isinstance(tensor, gs.Constant):
             return list(tensor.values.shape)
-        shape = self.inferred.get(tensor.name, tensor.shape)
-        return None if shape is None else list(shape)
+        return None if tensor.shape is None else list(tensor.shape)
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.of(tensor)
         return None if shape is None else len(shape)
-
-
-def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Shapes from onnxruntime's symbolic shape inference (``auto_merge``), as far as it got; empty on failure.
-
-    Runs the inference loop directly rather than ``infer_shapes``, which writes the model into the working
-    directory when it cannot infer every tensor.
-    """
-    try:
-        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        inference._preprocess(model)
-        while inference.run_:
-            inference._infer_impl()
-        inference._update_output_from_vi()
-        infos = [*inference.out_mp_.graph.value_info, *inference.out_mp_.graph.output]
-    except Exception:  # noqa: BLE001 - any failure only means fewer known shapes
-        return {}
-    return {info.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                        for d in info.type.tensor_type.shape.dim]
-            for info in infos if info.type.tensor_type.HasField("shape")}
 
 
 def as_producer(node: gs.Node) -> tuple[Layout, Layer] | None:
