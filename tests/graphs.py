@@ -178,3 +178,37 @@ def attention_block(opset: int = 17) -> onnx.ModelProto:
         inits,
         opset,
     )
+
+
+def transformer_block(hidden: int = 32, inner: int = 64) -> onnx.ModelProto:
+    """x [N, S, hidden] -> LayerNorm (uneven gamma) -> q, k, v (summed) and a SwiGLU MLP (gate/up -> down), plus
+    the residual x: six constant-weight MatMuls, none writing the graph output."""
+    rng = np.random.default_rng(3)
+    gamma = np.exp(rng.standard_normal(hidden)).astype(np.float32)
+    inits = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
+    inits += [_normal(rng, (hidden, hidden), f"w{name}") for name in "qkv"]
+    inits += [_normal(rng, (hidden, inner), "wg"), _normal(rng, (hidden, inner), "wu"),
+              _normal(rng, (inner, hidden), "wd")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1)]
+    nodes += [helper.make_node("MatMul", ["ln", f"w{name}"], [name], name=f"{name}_proj") for name in "qkv"]
+    nodes += [
+        helper.make_node("Add", ["q", "k"], ["qk"], name="qk"),
+        helper.make_node("Add", ["qk", "v"], ["attn"], name="attn"),
+        helper.make_node("MatMul", ["ln", "wg"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["ln", "wu"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["silu", "up"], ["h"], name="gated"),
+        helper.make_node("MatMul", ["h", "wd"], ["down"], name="down_proj"),
+        helper.make_node("Add", ["attn", "down"], ["mix"], name="mix"),
+        helper.make_node("Add", ["mix", "x"], ["y"], name="residual"),
+    ]
+    return make_model(nodes, [_float("x", ["N", "S", hidden])], [_float("y", ["N", "S", hidden])], inits)
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+
+def _float(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)

@@ -6,11 +6,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.calibration.observers import ChannelNormObserver
+from onnxsmith.calibration.observers import ChannelEntropyObserver, ChannelNormObserver
 from onnxsmith.optimizer.manager import PassManager
 from onnxsmith.optimizer.pass_base import PassContext
 from onnxsmith.passes import PruneNM, ShapeInference
-from onnxsmith.passes.prune_nm import nm_mask, satisfies_nm
+from onnxsmith.calibration.sparsity import channel_factors, nm_mask, satisfies_nm
 
 
 def single(op, weight, x_shape, y_shape, **attrs):
@@ -24,7 +24,8 @@ def single(op, weight, x_shape, y_shape, **attrs):
 
 
 def prune(model, feeds=None, **options):
-    result = PassManager([ShapeInference(), PruneNM(**options)]).run(model, PassContext(calibration_data=feeds))
+    passes = [ShapeInference(), PruneNM(**{"skip_head": False, **options})]
+    result = PassManager(passes).run(model, PassContext(calibration_data=feeds))
     return result.model, result.records[-1]
 
 
@@ -69,7 +70,7 @@ def test_wanda_weighs_magnitudes_by_input_channel_norms():
     feeds = [{"x": (RNG.standard_normal((16, 64)) * scale).astype(np.float32)} for _ in range(3)]
     model = single("MatMul", w, ["N", 64], ["N", 64])
     magnitude = pruned_weight(prune(model, n=2, m=4)[0])
-    wanda = pruned_weight(prune(model, feeds, n=2, m=4, metric="wanda")[0])
+    wanda = pruned_weight(prune(model, feeds, n=2, m=4, score="wanda")[0])
     assert (magnitude[0::4] == 0).all() and (magnitude[1::4] != 0).all()
     assert (wanda[0::4] != 0).all() and satisfies_nm(wanda, 2, 4, 0)
     norms = np.sqrt(sum((f["x"].astype(np.float64) ** 2).sum(axis=0) for f in feeds))
@@ -93,10 +94,10 @@ def test_small_excluded_and_ragged_layers_are_skipped_with_reasons():
 
 
 def test_bad_options_and_wanda_needs_calibration():
-    for options in ({"n": 4, "m": 4}, {"n": 0}, {"metric": "entropy"}, {"min_channels": 0}):
+    for options in ({"n": 4, "m": 4}, {"n": 0}, {"score": "entropy"}, {"score": "esparse", "alpha": -1}, {"min_channels": 0}):
         with pytest.raises(ValueError):
             PruneNM(**options)
-    assert PruneNM().needs_calibration is False and PruneNM(metric="wanda").needs_calibration is True
+    assert PruneNM().needs_calibration is False and PruneNM(score="wanda").needs_calibration is True
 
 
 def test_channel_norm_observer_streams_sum_of_squares():
@@ -109,3 +110,51 @@ def test_channel_norm_observer_streams_sum_of_squares():
     np.testing.assert_allclose(observer.norms, np.sqrt(expected))
     with pytest.raises(ValueError, match="channels"):
         observer.observe(np.ones((2, 4, 7)))
+
+
+def test_channel_entropy_observer_matches_one_shot_histograms_whatever_the_batching():
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((6, 50, 3)) * np.array([1.0, 0.1, 0.0])  # channel 2 is constant 0
+    data[4, :, 0] *= 5.0  # a late batch beyond channel 0's range doubles it
+    streamed = ChannelEntropyObserver(axis=-1, bins=16)
+    for batch in data:
+        streamed.observe(batch)
+    assert streamed.histograms.sum(axis=1).tolist() == [300, 300, 300]
+    for channel in (0, 1):
+        values = data[..., channel].ravel()
+        slots = np.floor(values / (streamed.range_max[channel] / 8)).astype(int) + 8  # the final range, one shot
+        expected = np.bincount(slots, minlength=16)
+        np.testing.assert_array_equal(streamed.histograms[channel], expected)
+        p = expected[expected > 0] / values.size
+        assert streamed.entropy[channel] == pytest.approx(-(p * np.log(p)).sum())
+    assert streamed.range_max[0] >= np.abs(data[..., 0]).max() > streamed.range_max[0] / 2
+    assert streamed.entropy[2] == 0.0
+    np.testing.assert_allclose(streamed.sum_squares, (data ** 2).sum(axis=(0, 1)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ChannelEntropyObserver(bins=6)
+
+
+def test_esparse_factors_normalise_entropy_and_norms():
+    entropy, norms = np.array([1.0, 3.0]), np.array([10.0, 30.0])
+    np.testing.assert_allclose(channel_factors("esparse", norms, entropy, alpha=0.0), [0.5, 1.5])
+    np.testing.assert_allclose(channel_factors("esparse", norms, entropy, alpha=2.0), [1.5, 4.5])
+    np.testing.assert_allclose(channel_factors("wanda", norms), norms)
+    assert channel_factors("magnitude") is None
+    with pytest.raises(ValueError, match="entropy"):
+        channel_factors("esparse", norms)
+
+
+def test_esparse_prefers_high_entropy_channels_of_equal_norm():
+    """In every group of 4 input channels, channel 0 carries rare spikes and channel 1 dense +-1 values of the
+    same energy (channels 2 and 3 are silent). At 1:4 Wanda cannot tell 0 and 1 apart and keeps the earlier;
+    E-Sparse with alpha = 0 keeps the high-entropy channel 1."""
+    tokens = 256
+    x = np.zeros((tokens, 64))
+    x[:, 1::4] = np.random.default_rng(6).choice([-1.0, 1.0], size=(tokens, 16))
+    x[::64, 0::4] = 8.0  # 4 spikes of 8: the same sum of squares as 256 values of +-1
+    model = single("MatMul", np.ones((64, 64), np.float32), ["N", 64], ["N", 64])
+    feeds = [{"x": x[i::4].astype(np.float32)} for i in range(4)]
+    wanda = pruned_weight(prune(model, feeds, n=1, m=4, score="wanda")[0])
+    esparse = pruned_weight(prune(model, feeds, n=1, m=4, score="esparse", alpha=0.0)[0])
+    assert (wanda[0::4] != 0).all() and (wanda[1::4] == 0).all()
+    assert (esparse[1::4] != 0).all() and (esparse[0::4] == 0).all()

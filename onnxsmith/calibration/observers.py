@@ -134,6 +134,71 @@ class ChannelNormObserver(Observer):
         self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
 
 
+_RANGE_MARGIN = 2.0**-20
+"""Relative headroom above the first ``max|v|``, so every observed value lies strictly inside the range."""
+
+
+class ChannelEntropyObserver(ChannelNormObserver):
+    """Per-channel histograms and their entropy, plus the channel norms of :class:`ChannelNormObserver`.
+
+    Channel ``c`` is histogrammed over a symmetric range ``[-R_c, R_c)`` in ``bins`` equal bins of width
+    ``w_c = R_c / (bins/2)``, value ``v`` in bin ``floor(v / w_c) + bins/2``: the first batch with a non-zero value
+    in the channel sets ``R_c`` just above that batch's ``max|v|``, and a later batch reaching ``R_c`` doubles it
+    until every value lies below (bin pairs merge exactly, so the histogram is the one the final range would give
+    in one shot, whatever the batching).
+    ``entropy`` is ``H_c = -Σ p log p`` (nats) of each channel's histogram: 0 for a constant channel, at most
+    ``log(bins)``. ``histograms`` is int64 ``(channels, bins)``; both are None before data.
+    """
+
+    def __init__(self, axis: int = -1, bins: int = 256, name: str | None = None) -> None:
+        super().__init__(axis, name)
+        if bins < 4 or bins % 4:
+            raise ValueError(f"ChannelEntropyObserver needs a multiple of 4 bins (>= 4), got {bins}")
+        self.bins = bins
+        self.histograms: np.ndarray | None = None
+        self.range_max: np.ndarray | None = None
+
+    @property
+    def entropy(self) -> np.ndarray | None:
+        if self.histograms is None:
+            return None
+        p = self.histograms / self.histograms.sum(axis=1, keepdims=True)
+        return (p * -np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+
+    def state_bytes(self) -> int:
+        if self.histograms is None:
+            return 0
+        return super().state_bytes() + self.histograms.nbytes + self.range_max.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        super()._update(values)
+        channels = np.moveaxis(values, self.axis, 0).reshape(values.shape[self.axis], -1)
+        amax = np.abs(channels).max(axis=1)
+        if self.histograms is None:
+            self.histograms = np.zeros((channels.shape[0], self.bins), dtype=np.int64)
+            self.range_max = np.zeros(channels.shape[0])
+        unset = self.range_max == 0
+        self.range_max[unset] = amax[unset] * (1 + _RANGE_MARGIN)
+        while (grow := (self.range_max <= amax) & (amax > 0)).any():
+            self._double(grow)
+        half = self.bins // 2
+        width = np.where(self.range_max > 0, self.range_max / half, 1.0)[:, None]
+        slots = np.clip(np.floor(channels / width).astype(np.int64) + half, 0, self.bins - 1)
+        offsets = (np.arange(channels.shape[0]) * self.bins)[:, None]
+        counts = np.bincount((slots + offsets).ravel(), minlength=self.histograms.size)
+        self.histograms += counts.reshape(self.histograms.shape)
+
+    def _double(self, rows: np.ndarray) -> None:
+        """Double ``R`` of the ``rows`` channels: old bins ``2j, 2j + 1`` become new bin ``j + bins/4``."""
+        old = self.histograms[rows]
+        merged = np.zeros_like(old)
+        quarter = self.bins // 4
+        pairs = old[:, 0::2] + old[:, 1::2]
+        merged[:, quarter:quarter + pairs.shape[1]] = pairs
+        self.histograms[rows] = merged
+        self.range_max[rows] *= 2
+
+
 class HistogramObserver(Observer):
     """Histogram of all values over a symmetric range ``[-R, R]`` with ``bins`` equal bins, plus exact min/max.
 

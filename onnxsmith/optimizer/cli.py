@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from onnxsmith import __version__
 from onnxsmith.errors import PassError, UserError
 from onnxsmith.models.zoo import DEFAULT_ZOO_MODEL, get_zoo_model, zoo_names
+from onnxsmith.optimizer.inspect_sparsity import COMMAND as INSPECT_SPARSITY, build_inspect_parser, run_inspect
 from onnxsmith.optimizer.manager import PassRecord
 from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file, plan
 from onnxsmith.calibration.blocks import GridSpec
@@ -28,6 +29,9 @@ examples:
   optimize zoo:minilm --recipe ptq-sl --wbits 4 --grid 64x2   PTQ-SL: reorder channels + sub-layer weight grid
   optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
   optimize --list-recipes | --list-zoo
+  optimize zoo:smollm2 --recipe esparse24 --alpha 10   E-Sparse 2:4 with channel shuffles (head kept dense)
+  optimize zoo:minilm --recipe wanda24 --nm 4:8    Wanda 4:8 sparsity
+  optimize inspect-sparsity model.onnx [--json]  which GEMM weights are 2:4 / 4:8 sparse on the input axis
 
 exit codes: 0 success, 1 a pass failed or broke the model, 2 bad input (one-line message; --debug for a trace)
 """
@@ -86,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                               help="keep nodes whose name matches REGEX in float (repeatable), e.g. 'lm_head|router'")
     quantization.add_argument("--exclude-op", metavar="OP", action="append", default=[],
                               help="keep nodes of this op type in float (repeatable)")
+    sparsity = parser.add_argument_group("sparsity (override the recipe's N:M passes)")
+    sparsity.add_argument("--nm", type=_pattern, metavar="N:M",
+                          help="sparsity pattern: keep N of every M input channels (2:4, 4:8)")
+    sparsity.add_argument("--prune-score", dest="score", choices=["magnitude", "wanda", "esparse"],
+                          help="what pruning keeps: |W|, Wanda's |W|*||X||, E-Sparse's entropy+norm score")
+    sparsity.add_argument("--alpha", type=_non_negative, metavar="A",
+                          help="E-Sparse weight of the normalised channel norm against the normalised entropy")
+    sparsity.add_argument("--shuffle", choices=["none", "global", "local", "apex"],
+                          help="channel shuffle before pruning (esparse24 recipes)")
+    sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather"],
+                          help="fold shuffles into producers only, or use a Gather where folding is impossible")
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
     parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
     verbosity = parser.add_mutually_exclusive_group()
@@ -97,22 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``optimize``; returns the exit code."""
+    """Entry point of ``optimize`` (and of ``optimize inspect-sparsity``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [INSPECT_SPARSITY]:
+        inspect_args = build_inspect_parser().parse_args(argv[1:])
+        return _guarded(lambda: run_inspect(inspect_args), inspect_args.debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
         format="%(levelname)s: %(message)s",
     )
+    return _guarded(lambda: _run(args, parser), args.debug)
+
+
+def _guarded(command: Callable[[], int], debug: bool) -> int:
+    """Run ``command``; bad input and failed passes become a one-line message and exit code 2 or 1."""
     try:
-        return _run(args, parser)
+        return command()
     except UserError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"optimize: error: {exc}", file=sys.stderr)
         return 2
     except PassError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"optimize: pass failed: {exc}", file=sys.stderr)
         return 1
@@ -174,6 +198,23 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _pattern(text: str) -> tuple[int, int]:
+    n, _, m = text.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise argparse.ArgumentTypeError(f"must be N:M with 0 < N < M, e.g. 2:4, got {text!r}")
+    return int(n), int(m)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _pass_options(args: argparse.Namespace) -> dict[str, object]:
     """Command-line overrides of pass arguments (only the options the user gave)."""
     options: dict[str, object] = {}
@@ -182,9 +223,11 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
     if args.calibrator:
         options["calibrator"] = args.calibrator
     for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss", "weight_grid", "act_groups", "weight_only",
-                 "strategy"):
+                 "strategy", "score", "alpha", "shuffle", "absorb"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.nm is not None:
+        options["n"], options["m"] = args.nm
     if args.exclude:
         options["exclude_regex"] = args.exclude
     if args.exclude_op:

@@ -10,6 +10,8 @@ from onnxsmith.passes.qdq_int8 import QuantizeInt8
 from onnxsmith.passes.remove_dead_nodes import RemoveDeadNodes
 from onnxsmith.passes.reorder_channels import ReorderChannels
 from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.passes.shuffle_nm import ShuffleNM
+from onnxsmith.passes.sparse_conv import SparseGemmToConv
 from onnxsmith.passes.upgrade_opset import UpgradeOpset
 
 PASSES: dict[str, type[Pass]] = {
@@ -24,6 +26,8 @@ PASSES: dict[str, type[Pass]] = {
         UpgradeOpset,
         QuantizeInt8,
         PtqQuantize,
+        ShuffleNM,
         PruneNM,
+        SparseGemmToConv,
     )
 }

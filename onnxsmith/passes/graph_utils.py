@@ -32,3 +32,12 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
     """The main graph followed by every nested subgraph (If/Loop/Scan bodies, recursively)."""
     return [graph, *graph.subgraphs(recursive=True)]
+
+
+def unique_name(names: set[str], base: str) -> str:
+    """``base``, or ``base`` with the smallest numeric suffix not in ``names``; the result is added to ``names``."""
+    name, suffix = base, 1
+    while name in names:
+        name, suffix = f"{base}{suffix}", suffix + 1
+    names.add(name)
+    return name

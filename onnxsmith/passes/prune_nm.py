@@ -5,31 +5,36 @@ channel (the rest become 0; kept weights are not updated). The input axis is the
 axis 0 (the second-to-last), Gemm axis 1 with ``transB=1`` else 0, Conv axis 1 (a Conv's kh x kw taps are
 grouped position by position, ``m`` consecutive channels at each tap).
 
-Scores (``metric``): ``"magnitude"`` ``|W|``; ``"wanda"`` ``|W_ij| * ‖X_j‖₂``, the input channel's L2 norm over
-every calibration token (:class:`~onnxsmith.calibration.observers.ChannelNormObserver`, one streaming pass).
+Scores (``score``, :func:`onnxsmith.calibration.sparsity.channel_factors`): ``"magnitude"`` ``|W|``;
+``"wanda"`` ``|W_ij| * ‖X_j‖₂``, the input channel's L2 norm over every calibration token; ``"esparse"``
+``|W_ij| * (H_j / mean H + alpha * ‖X_j‖₂ / mean ‖X‖₂)`` with ``H_j`` the entropy of input channel ``j``'s
+histogram (``bins`` bins). The statistics come from one streaming pass of
+:class:`~onnxsmith.calibration.observers.ChannelNormObserver` / ``ChannelEntropyObserver``.
 
 Layers pruned: MatMul (activation input 0, constant 2-D weight input 1), Gemm with ``transA=0`` and Conv with
 ``group=1``; a layer is skipped, with the reason reported, when its input channels are not a multiple of ``m``
 or when it has fewer than ``min_channels`` input or output channels (small layers lose too much and gain
-nothing). ``exclude_regex`` keeps matching node names dense.
+nothing). ``exclude_regex`` keeps matching node names dense, and ``skip_head`` (default) a layer writing a graph
+output, the classifier or LM head. ``shuffle-nm`` run before this pass regroups the
+input channels (losslessly) so that more of the score survives.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.observers import ChannelNormObserver, Observer
+from onnxsmith.calibration.observers import ChannelEntropyObserver, ChannelNormObserver, Observer
+from onnxsmith.calibration.sparsity import SCORES, channel_factors, nm_mask
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
 from onnxsmith.passes.qdq_nodes import weight_input_axis, weight_site
 
-METRICS = ("magnitude", "wanda")
 
 
 @dataclass
@@ -54,57 +59,20 @@ class SparseLayer:
         return -(self.weight.values.ndim - 1) if self.node.op == "Conv" else -1
 
 
-def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
-    """Boolean mask keeping the ``n`` largest ``scores`` of every ``m`` consecutive entries along ``axis``.
+@dataclass(frozen=True)
+class NMSelection:
+    """Which layers an N:M pass treats: the pattern's ``m``, the size floor and the excluded name patterns."""
 
-    ``scores.shape[axis]`` must be a multiple of ``m``; ties keep the earlier entry.
-    """
-    moved = np.moveaxis(scores, axis, 0)
-    if moved.shape[0] % m:
-        raise ValueError(f"{moved.shape[0]} channels along axis {axis} are not a multiple of m = {m}")
-    groups = moved.reshape(moved.shape[0] // m, m, -1)
-    order = np.argsort(-groups, axis=1, kind="stable")
-    keep = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order[:, :n], True, axis=1)
-    return np.moveaxis(keep.reshape(moved.shape), 0, axis)
-
-
-def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
-    """Whether every ``m`` consecutive entries of ``weight`` along ``axis`` hold at most ``n`` non-zeros."""
-    moved = np.moveaxis(np.asarray(weight), axis, 0)
-    if moved.shape[0] % m:
-        return False
-    return bool(((moved.reshape(moved.shape[0] // m, m, -1) != 0).sum(axis=1) <= n).all())
-
-
-class PruneNM(Pass):
-    """N:M sparsity of GEMM weights by magnitude or Wanda score; see the module docstring."""
-
-    name = "prune-nm"
-    description = "N:M structured sparsity (2:4, 4:8) of MatMul/Gemm/Conv weights along the input axis"
-    lossless = False
-    min_opset = None
-
-    def __init__(
-        self,
-        n: int = 2,
-        m: int = 4,
-        metric: str = "magnitude",
-        min_channels: int = 64,
-        exclude_regex: Sequence[str] = (),
-    ) -> None:
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ValueError(f"need integers 0 < n < m, got n={n!r}, m={m!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-        if min_channels < 1:
-            raise ValueError(f"min_channels must be >= 1, got {min_channels}")
-        self.n, self.m, self.metric, self.min_channels = n, m, metric, min_channels
-        self.exclude = [re.compile(pattern) for pattern in exclude_regex]
-        self.needs_calibration = metric != "magnitude"
+    m: int
+    min_channels: int = 64
+    exclude_regex: Sequence[str] = ()
+    skip_head: bool = True
+    """Keep a layer that writes a graph output (a classifier or LM head) dense."""
 
     def layers(self, graph: gs.Graph) -> tuple[list[SparseLayer], dict[str, str]]:
         """The layers to prune in graph order and the skipped ones with their reasons."""
+        exclude = [re.compile(pattern) for pattern in self.exclude_regex]
+        outputs = {tensor.name for tensor in graph.outputs}
         layers, skipped = [], {}
         for node in graph.nodes:
             if node.op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
@@ -112,8 +80,11 @@ class PruneNM(Pass):
             site = weight_site(node)
             if site is None or site[0] is not node or site[2] is None:
                 continue
-            if any(pattern.search(node.name) for pattern in self.exclude):
+            if any(pattern.search(node.name) for pattern in exclude):
                 skipped[node.name] = "excluded"
+                continue
+            if self.skip_head and any(tensor.name in outputs for tensor in node.outputs):
+                skipped[node.name] = "writes a graph output (a head; skip_head=False prunes it)"
                 continue
             if node.attrs.get("transA", 0) or node.attrs.get("group", 1) != 1:
                 skipped[node.name] = "transA Gemm or grouped Conv"
@@ -128,26 +99,89 @@ class PruneNM(Pass):
                 layers.append(layer)
         return layers, skipped
 
-    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
-        if self.metric == "magnitude":
+
+@dataclass(frozen=True)
+class NMScoring:
+    """How entries are ranked (``score``, ``alpha`` for E-Sparse, ``bins`` of the entropy histograms)."""
+
+    score: str = "magnitude"
+    alpha: float = 1.0
+    bins: int = 256
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {list(SCORES)}, got {self.score!r}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.score != "magnitude"
+
+    def observers(self, layers: Sequence[SparseLayer]) -> dict[str, Observer]:
+        """One observer per distinct activation the layers read (none for magnitude)."""
+        if self.score == "magnitude":
             return {}
-        layers, _ = self.layers(import_graph(model))
-        return {layer.activation.name: ChannelNormObserver(layer.channel_axis, name=layer.activation.name)
-                for layer in layers}
+        if self.score == "wanda":
+            return {layer.activation.name: ChannelNormObserver(layer.channel_axis, name=layer.activation.name)
+                    for layer in layers}
+        return {layer.activation.name: ChannelEntropyObserver(layer.channel_axis, self.bins,
+                                                              name=layer.activation.name) for layer in layers}
+
+    def scores(self, layer: SparseLayer, calibration: Mapping[str, Observer] | None) -> np.ndarray:
+        """``|W|`` times the input-channel factor, in the weight's own shape (float64)."""
+        values = np.abs(layer.weight.values.astype(np.float64))
+        if self.score == "magnitude":
+            return values
+        observer = calibration[layer.activation.name]
+        factors = channel_factors(self.score, observer.norms, getattr(observer, "entropy", None), self.alpha)
+        shape = [1] * values.ndim
+        shape[layer.in_axis] = -1
+        return values * factors.reshape(shape)
+
+
+def check_pattern(n: int, m: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"need integers 0 < n < m, got n={n!r}, m={m!r}")
+
+
+class PruneNM(Pass):
+    """N:M sparsity of GEMM weights by magnitude, Wanda or E-Sparse score; see the module docstring."""
+
+    name = "prune-nm"
+    description = "N:M structured sparsity (2:4, 4:8) of MatMul/Gemm/Conv weights along the input axis"
+    lossless = False
+    min_opset = None
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        score: str = "magnitude",
+        alpha: float = 1.0,
+        bins: int = 256,
+        min_channels: int = 64,
+        exclude_regex: Sequence[str] = (),
+        skip_head: bool = True,
+    ) -> None:
+        check_pattern(n, m)
+        if min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+        self.n, self.m = n, m
+        self.selection = NMSelection(m, min_channels, tuple(exclude_regex), skip_head)
+        self.scoring = NMScoring(score, alpha, bins)
+        self.needs_calibration = self.scoring.needs_calibration
+
+    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
+        return self.scoring.observers(self.selection.layers(import_graph(model))[0])
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
-        layers, skipped = self.layers(graph)
+        layers, skipped = self.selection.layers(graph)
         details = []
         for layer in layers:
             values = layer.weight.values
-            scores = np.abs(values.astype(np.float64))
-            if self.metric == "wanda":
-                norms = context.calibration[layer.activation.name].norms
-                shape = [1] * values.ndim
-                shape[layer.in_axis] = -1
-                scores = scores * norms.reshape(shape)
-            mask = nm_mask(scores, self.n, self.m, layer.in_axis)
+            mask = nm_mask(self.scoring.scores(layer, context.calibration), self.n, self.m, layer.in_axis)
             pruned = np.where(mask, values, np.zeros_like(values))
             layer.node.inputs[1] = gs.Constant(f"{layer.weight.name}_{self.n}of{self.m}", pruned)
             energy = values.astype(np.float64) ** 2
@@ -159,5 +193,5 @@ class PruneNM(Pass):
             return PassResult(model, False, {"pruned": 0, "skipped": len(skipped)}, details)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         changes = {"pruned": len(layers), "skipped": len(skipped), "pattern": f"{self.n}:{self.m}",
-                   "metric": self.metric}
+                   "score": self.scoring.score}
         return PassResult(export_graph(graph, model), True, changes, details)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onnxsmith.calibration.observers import HistogramObserver, MinMaxObserver, Observer, ReservoirObserver
 from onnxsmith.calibration.qparams import asymmetric_qparams, symmetric_scale
 from onnxsmith.calibration.range_search import search_range
+from onnxsmith.calibration.sparsity import satisfies_nm
 from onnxsmith.calibration.twin_uniform import search_twin
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
@@ -32,6 +33,7 @@ from onnxsmith.passes.qdq_nodes import (
     is_float,
     quantize_weight,
     split_gemm,
+    weight_input_axis,
     weight_site,
 )
 
@@ -51,6 +53,9 @@ class Placement:
     skipped: dict[str, str] = field(default_factory=dict)
     twin_layouts: dict[str, str] = field(default_factory=dict)
     """Activations that get a twin-uniform quantizer instead, with their layout ('softmax' or 'gelu')."""
+    sparse_gemms: list[gs.Node] = field(default_factory=list)
+    """Quantized nodes whose weight is 2:4 sparse on the input axis (their outputs are quantized with
+    ``sparse_outputs``)."""
 
 
 class QuantizeInt8(Pass):
@@ -63,6 +68,8 @@ class QuantizeInt8(Pass):
     duplicated and summed: two integer GEMMs a runtime can fuse, no ``Where`` before the GEMM). ``exclude_nodes`` (exact names), ``exclude_ops`` (op types)
     and ``exclude_regex`` (patterns matched against node names, e.g. ``"lm_head|router|gate$"``) keep nodes in
     float. ``activation_matmuls=False`` leaves MatMuls with two activation inputs (attention) in float.
+    ``sparse_outputs=True`` also quantizes the output of every quantized GEMM/Conv whose weight is 2:4 sparse on
+    its input axis (unless it is a graph output): TensorRT runs sparse INT8 kernels only with INT8 in and out.
     """
 
     name = "int8-qdq"
@@ -82,6 +89,7 @@ class QuantizeInt8(Pass):
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         exclude_regex: Sequence[str] = (),
+        sparse_outputs: bool = False,
     ) -> None:
         if act_dtype not in ACT_DTYPES:
             raise ValueError(f"act_dtype must be one of {sorted(ACT_DTYPES)}, got {act_dtype!r}")
@@ -98,6 +106,7 @@ class QuantizeInt8(Pass):
         self.exclude_nodes = set(exclude_nodes)
         self.exclude_ops = set(exclude_ops)
         self.exclude_patterns = [re.compile(p) for p in exclude_regex]
+        self.sparse_outputs = sparse_outputs
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         placement = self.place(import_graph(model))
@@ -117,6 +126,7 @@ class QuantizeInt8(Pass):
                 reason = self._place_node(node, placement)
             if reason is not None:
                 placement.skipped[node.name] = reason
+        self._place_sparse_outputs(graph, placement)
         if self.twin:
             for site in find_activation_sites(graph):
                 if site.kind in ("softmax", "gelu") and site.tensor.name in placement.activations:
@@ -201,7 +211,23 @@ class QuantizeInt8(Pass):
             return "non-constant weight"
         for index in activation_inputs:
             placement.activations.setdefault(node.inputs[index].name, []).append((node, index))
+        if self.sparse_outputs and site is not None and _is_two_four(node, site):
+            placement.sparse_gemms.append(node)
         return None
+
+    @staticmethod
+    def _place_sparse_outputs(graph: gs.Graph, placement: Placement) -> None:
+        """Quantize each 2:4 GEMM's float output for all its readers (a graph output keeps its float value)."""
+        graph_outputs = {tensor.name for tensor in graph.outputs}
+        for node in placement.sparse_gemms:
+            output = node.outputs[0]
+            if output.name in graph_outputs or not is_float(output) or not output.outputs:
+                continue
+            readers = placement.activations.setdefault(output.name, [])
+            for reader in output.outputs:
+                for index, tensor in enumerate(reader.inputs):
+                    if tensor is output and (reader, index) not in readers:
+                        readers.append((reader, index))
 
     def _observer(self, name: str) -> Observer:
         return MinMaxObserver(name=name) if self.calibrator == "minmax" else HistogramObserver(name=name)
@@ -215,3 +241,10 @@ class QuantizeInt8(Pass):
             return scale, np.int8(0), [float(lo), float(hi)]
         scale, zero_point = asymmetric_qparams(lo, hi, np.uint8)
         return np.float32(scale), np.uint8(zero_point), [float(lo), float(hi)]
+
+
+def _is_two_four(node: gs.Node, site: tuple[gs.Node, int, int | None]) -> bool:
+    """Whether the constant weight of ``node`` (entering at ``site``) is 2:4 sparse on its input axis."""
+    reader, index, _ = site
+    values = reader.inputs[index].values
+    return values.ndim >= 2 and satisfies_nm(values, 2, 4, weight_input_axis(node, reader, index))

@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.calibration.channel_order import STRATEGIES, GemmWeight, choose_permutation
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
 
 MIN_BITS, MAX_BITS = 4, 8
 
@@ -503,7 +503,7 @@ def apply_permutation(region: Region, permutation: np.ndarray, graph: gs.Graph, 
             continue
         for site in sites:
             current = site.node.inputs[site.index]
-            name = _unique(names, f"{current.name}_reordered")
+            name = unique_name(names, f"{current.name}_reordered")
             site.node.inputs[site.index] = gs.Constant(name, permute(current.values, site.axes, permutation))
 
 
@@ -515,14 +515,6 @@ def permute(values: np.ndarray, axes: tuple[int, ...], permutation: np.ndarray) 
     flat = moved.reshape(*moved.shape[: moved.ndim - len(axes)], -1)
     taken = np.take(flat, permutation, axis=-1).reshape(moved.shape)
     return np.ascontiguousarray(np.moveaxis(taken, trailing, axes))
-
-
-def _unique(names: set[str], base: str) -> str:
-    name, suffix = base, 1
-    while name in names:
-        name, suffix = f"{base}{suffix}", suffix + 1
-    names.add(name)
-    return name
 
 
 def _subgraph_reads(graph: gs.Graph) -> set[str]:

@@ -1,0 +1,673 @@
+"""E-Sparse N:M sparsity: magnitude, Wanda and E-Sparse (entropy score, channel shuffles) on zoo models.
+
+Usage: ``python benchmarks/esparse.py [--models a,b] [--patterns 2:4,4:8] [--methods a,b] [--alpha A]
+[--shuffle global|local|apex] [--calib N] [--windows N] [--gpu] [--out PATH]``
+
+Claim under test (E-Sparse): scoring weights by ``|W|`` times an input-channel factor built from the channel's
+entropy and norm, and shuffling the input channels so that the N:M groups keep more of that score, loses much less
+than Wanda's ``|W| * ||X||`` at the same N:M pattern. For every zoo model and N:M pattern the cached FP32 model
+(``zoo_model_path(name)``, never written) is pruned in this process by ``optimize_file`` (``verify=False``, no
+evaluation, no progress bars), with the same calibration feeds, and scored on the same evaluation set. Rows
+(``METHODS``; ``dense`` is always there, ``--methods`` picks among the others):
+
+- ``dense``: the FP32 model's own figures (the reference every row is scored against);
+- ``magnitude``: recipe ``sparse24`` (``prune-nm`` score ``magnitude``, no calibration), pass options ``n``, ``m``;
+- ``wanda``: recipe ``wanda24`` (``prune-nm`` score ``wanda``: ``|W_ij| * ||X_j||_2``), ``n``, ``m``;
+- ``esparse``: recipe ``esparse24`` with ``shuffle="none"``: the E-Sparse score alone
+  (``|W_ij| * (H_j / mean H + alpha * ||X_j|| / mean ||X||)``), no channel shuffle;
+- ``esparse+shuffle``: recipe ``esparse24``, ``shuffle=--shuffle`` (default ``local``: E-Sparse's global naive
+  shuffle then its local block shuffle), ``absorb`` the pass default ``fold-or-gather`` (a permutation folded into
+  the producers where ``reorder-channels`` can, else a runtime ``Gather`` of the activation);
+- ``esparse+shuffle(fold-only)``: as ``esparse+shuffle`` with ``absorb="fold"``: no runtime ``Gather``, the
+  layers whose permutation cannot be folded stay unshuffled.
+
+The E-Sparse rows get ``alpha=--alpha`` only when it is given (else the passes' default, 1.0). Per model:
+
+- ``smollm2`` (SmolLM2-135M): calibration ``calibration_feeds(--calib)`` (default 32 windows x 256 pydoc tokens),
+  evaluation ``evaluation_feeds(--windows)`` (default the first 80 x 256 tokens); figures ``perplexity`` (main,
+  lower is better) and ``top1_agreement`` with FP32 (``zoo.score`` on outputs reduced by ``zoo.reduce_outputs``);
+- ``minilm`` (all-MiniLM-L6-v2): calibration ``calibration_feeds(--calib)`` (default 32 sentences), evaluation all
+  100 evaluation sentences; figures mean (main, higher is better) and min embedding cosine vs FP32.
+
+Per row, from the ``optimize_file`` result's pass records: the wall time of the call (``opt s``: loading, every
+pass, calibration and saving), the calibration seconds of all passes (``calib s``), ``prune-nm``'s pruned /
+skipped layers (the LM head and layers under ``min_channels`` stay dense), ``shuffle-nm``'s folded / gathered /
+unshuffled targets and the mean over its targets of ``kept_after - kept_before`` (the fraction of the layer's
+pruning score that N:M keeps, gained by the shuffle; unshuffled targets count 0; the JSON adds the mean over the
+shuffled targets only and ``prune-nm``'s mean kept weight energy). ``n:m weights``: how many GEMM weights of the
+written file satisfy the row's N:M on their input axis, out of all MatMul/Gemm/Conv constant weights
+(``onnxsmith.optimizer.inspect_sparsity``; the tied LM head is among them and stays dense). A failing configuration
+is an ``error`` row with the exception's first line; the run goes on.
+
+Verdicts, within this run (other runs' numbers are context only): for ``smollm2``, per pattern, E-Sparse +
+shuffles (and, likewise, E-Sparse without shuffle and the fold-only variant) against Wanda:
+``(ppl_wanda - ppl_esparse) / ppl_wanda >= 33 %`` and, at 2:4, ``ppl_esparse <= 60`` -> PASS, else MISS. For
+``minilm``: mean cosine of E-Sparse + shuffles (and E-Sparse) at least Wanda's -> PASS, else MISS. The earlier
+anchors measured on this machine with the same data (80 windows, 32 calibration windows: FP 17.47, magnitude 2:4
+1548, Wanda 2:4 89.4 ppl) are printed for context only.
+
+GPU part (``--gpu``; skipped with the reason when ``torch.cuda.is_available()`` is false): torch's semi-structured
+2:4 sparse GEMM (``to_sparse_semi_structured``: cuSPARSELt, CUTLASS when this torch has no cuSPARSELt) against the
+dense GEMM, float16, at SmolLM2's Linear shapes (q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576) for
+2048 tokens (prefill 1 x 2048) and 4096 tokens (batch 32 x 128): random ``W [out, in]`` pruned 2:4 along ``in``
+(2 largest ``|w|`` of every 4 kept), ``F.linear(x, W_sparse)`` vs ``F.linear(x, W)`` timed with CUDA events, after
+warm-up, median over 50 samples of 10 back-to-back calls; speedup = dense / sparse per shape and for the 7 GEMMs
+of one decoder layer summed. The times include torch's tensor-subclass dispatch. E-Sparse's paper reports
+1.24-1.53x. A shape the backend rejects is an error cell.
+
+Results go to stdout (one markdown table per model and pattern as soon as it is done, the verdicts, the GPU
+table) and to ``--out`` (default ``benchmarks/results/esparse.json``, rewritten after every model and pattern,
+``"complete": true`` once the run has finished), with ``environment()`` and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from _harness import cpu_session, environment, markdown_table, write_json
+from ptq4vit import ModelData, Variant, evaluation_outputs, one_line, run_variant
+from ptq4vit import MODELS as PTQ4VIT_MODELS
+from ptqsl import SMOLLM2_SPEC
+
+if TYPE_CHECKING:
+    from onnxsmith.optimizer.manager import PassRecord
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "esparse.json"
+DEFAULT_PATTERNS = ("2:4", "4:8")
+DEFAULT_CALIBRATION = 32
+DEFAULT_WINDOWS = 80
+DEFAULT_SHUFFLE = "local"
+SHUFFLE_CHOICES = ("global", "local", "apex")
+PRUNE_PASS, SHUFFLE_PASS = "prune-nm", "shuffle-nm"
+
+TARGET_REDUCTION = 33.0
+"""Smallest perplexity reduction (%) of E-Sparse + shuffles against Wanda in the same run for a PASS."""
+PPL_CEILING = {"2:4": 60.0}
+"""Largest E-Sparse + shuffles perplexity for a PASS, per pattern (none for the others)."""
+EARLIER_ANCHORS = "SmolLM2 FP 17.47, magnitude 2:4 1548, Wanda 2:4 89.4 ppl"
+ANCHOR_COUNTS = (80, 32)
+"""Evaluation windows and calibration windows of the earlier anchors."""
+PAPER_SPEEDUP = "1.24-1.53x"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row: the recipe and the pass options beside ``n`` / ``m`` (``alpha`` and ``shuffle`` filled from the
+    command line for the E-Sparse rows)."""
+
+    name: str
+    recipe: str | None
+    options: dict[str, Any]
+    esparse: bool = False
+
+
+METHODS: dict[str, Method] = {method.name: method for method in [
+    Method("dense", None, {}),
+    Method("magnitude", "sparse24", {}),
+    Method("wanda", "wanda24", {}),
+    Method("esparse", "esparse24", {"shuffle": "none"}, esparse=True),
+    Method("esparse+shuffle", "esparse24", {}, esparse=True),
+    Method("esparse+shuffle(fold-only)", "esparse24", {"absorb": "fold"}, esparse=True),
+]}
+SHUFFLED = ("esparse+shuffle", "esparse+shuffle(fold-only)")
+VERDICT_ROWS = (("esparse+shuffle", "E-Sparse + shuffles"), ("esparse+shuffle(fold-only)", "E-Sparse + shuffles "
+                "(fold-only)"), ("esparse", "E-Sparse (no shuffle)"))
+
+
+@dataclass(frozen=True)
+class SparseModel:
+    """A zoo model in this benchmark: ``ptq4vit``'s model spec (figures, main first) and the direction of the
+    main figure."""
+
+    name: str
+    metrics: tuple[tuple[str, str], ...]
+    lower_is_better: bool
+
+
+MODELS: dict[str, SparseModel] = {
+    "smollm2": SparseModel("smollm2", SMOLLM2_SPEC.metrics, True),
+    "minilm": SparseModel("minilm", PTQ4VIT_MODELS["minilm"].metrics, False),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare(model: SparseModel, calibration: int, windows: int) -> ModelData:
+    """The cached FP32 model's path, its calibration and evaluation feeds and its FP32 reference outputs
+    (SmolLM2: the first ``windows`` evaluation windows; MiniLM: all its sentences)."""
+    from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
+
+    spec = replace(SMOLLM2_SPEC if model.name == "smollm2" else PTQ4VIT_MODELS[model.name],
+                   calibration_count=calibration)
+    zoo = get_zoo_model(model.name)
+    fp32 = zoo_model_path(model.name)
+    feeds = zoo.calibration_feeds(calibration)
+    evaluation = zoo.evaluation_feeds(windows if model.name == "smollm2" else None)
+    reference = evaluation_outputs(zoo, cpu_session(fp32), evaluation)
+    return ModelData(spec, zoo, fp32, feeds, feeds, evaluation, reference)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``'2:4'`` -> ``(2, 4)`` (``0 < n < m``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"pattern {text!r} is not N:M with 0 < N < M, e.g. 2:4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def nm_weights(path: Path, n: int, m: int) -> tuple[int, int, str]:
+    """How many MatMul/Gemm/Conv constant weights of the model at ``path`` satisfy ``n:m`` on their input axis, of
+    how many, and what counted them (``inspect_sparsity``, or this script's own count when that module is missing:
+    weights read directly as constants, axis from ``weight_input_axis``)."""
+    model = onnx.load(str(path))
+    try:
+        from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+    except ImportError:
+        return (*_own_nm_count(model, n, m), "own count")
+    rows = inspect_sparsity(model, [(n, m)])
+    return sum(row.pattern is not None for row in rows), len(rows), "inspect_sparsity"
+
+
+def _own_nm_count(model: onnx.ModelProto, n: int, m: int) -> tuple[int, int]:
+    import onnx_graphsurgeon as gs
+
+    from onnxsmith.calibration.sparsity import satisfies_nm
+    from onnxsmith.passes.graph_utils import import_graph
+    from onnxsmith.passes.qdq_nodes import weight_input_axis
+
+    satisfied = total = 0
+    for node in import_graph(model).nodes:
+        if node.op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if not isinstance(weight, gs.Constant) or weight.values.ndim < 2:
+            continue
+        total += 1
+        satisfied += satisfies_nm(weight.values, n, m, weight_input_axis(node, node, 1))
+    return satisfied, total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Row:
+    """One method at one pattern: ``status`` ``ok`` or ``error`` (``note`` holds the exception's first line).
+
+    ``seconds``: the ``optimize_file`` call; ``calibration_seconds``: all passes' calibration; ``pass_seconds``:
+    ``shuffle-nm`` / ``prune-nm`` run times (calibration excluded). ``kept_gain_mean``: mean over ``shuffle-nm``'s
+    targets of ``kept_after - kept_before`` (unshuffled: 0); ``kept_gain_mean_shuffled``: over the shuffled ones.
+    ``nm_weights`` of ``gemm_weights``: weights of the written file satisfying the pattern on their input axis.
+    """
+
+    model: str
+    pattern: str
+    method: str
+    recipe: str | None
+    pass_options: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    note: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    optimize_seconds: float | None = None
+    calibration_seconds: float | None = None
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+    pruned: int | None = None
+    skipped: int | None = None
+    kept_energy_mean: float | None = None
+    folded: int | None = None
+    gathered: int | None = None
+    unshuffled: int | None = None
+    kept_before_mean: float | None = None
+    kept_after_mean: float | None = None
+    kept_gain_mean: float | None = None
+    kept_gain_mean_shuffled: float | None = None
+    shuffle_methods: dict[str, int] = field(default_factory=dict)
+    nm_weights: int | None = None
+    gemm_weights: int | None = None
+    nm_counted_by: str | None = None
+    wall_seconds: float | None = None
+
+
+def pass_options(method: Method, n: int, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``n``, ``m``, then the method's own options; the E-Sparse rows add ``shuffle`` (the shuffled ones) and
+    ``alpha`` (when given)."""
+    options: dict[str, Any] = {"n": n, "m": m}
+    if method.name in SHUFFLED:
+        options["shuffle"] = args.shuffle
+    options.update(method.options)
+    if method.esparse and args.alpha is not None:
+        options["alpha"] = args.alpha
+    return options
+
+
+def optimize_variant(recipe: str, options: dict[str, Any], results: list[Any]) -> Variant:
+    """``optimize_file`` with ``recipe`` and ``options``; the call's result is appended to ``results``."""
+
+    def prune(data: ModelData, output: Path) -> None:
+        from onnxsmith.optimizer.pipeline import optimize_file
+
+        results.append(optimize_file(str(data.fp32), output, recipe=recipe, calib=data.calibration,
+                                     pass_options=options, verify=False, evaluate_model=False, progress=False))
+
+    return Variant(recipe, {"recipe": recipe, "pass_options": options}, prune)
+
+
+def fill_from_records(row: Row, records: Sequence[PassRecord]) -> None:
+    """Copy ``prune-nm``'s and ``shuffle-nm``'s counts and details into ``row``."""
+    row.calibration_seconds = sum(record.calibration_seconds for record in records)
+    for record in records:
+        if record.name in (PRUNE_PASS, SHUFFLE_PASS):
+            row.pass_seconds[record.name] = record.seconds
+        if record.name == PRUNE_PASS:
+            row.pruned, row.skipped = record.changes.get("pruned"), record.changes.get("skipped")
+            energy = [d["kept_energy"] for d in record.details if d.get("kind") == "pruned"]
+            row.kept_energy_mean = statistics.fmean(energy) if energy else None
+        elif record.name == SHUFFLE_PASS:
+            row.folded, row.gathered = record.changes.get("folded"), record.changes.get("gathered")
+            row.unshuffled = record.changes.get("unshuffled")
+            targets = [d for d in record.details if "kept_before" in d]
+            if targets:
+                gains = [d["kept_after"] - d["kept_before"] for d in targets]
+                shuffled = [gain for gain, d in zip(gains, targets) if d.get("kind") != "unshuffled"]
+                row.kept_before_mean = statistics.fmean(d["kept_before"] for d in targets)
+                row.kept_after_mean = statistics.fmean(d["kept_after"] for d in targets)
+                row.kept_gain_mean = statistics.fmean(gains)
+                row.kept_gain_mean_shuffled = statistics.fmean(shuffled) if shuffled else None
+                for d in targets:
+                    key = f"{d.get('kind')}:{d.get('method')}"
+                    row.shuffle_methods[key] = row.shuffle_methods.get(key, 0) + 1
+            elif row.unshuffled is not None:
+                row.kept_gain_mean = 0.0
+
+
+def dense_row(data: ModelData, pattern: tuple[int, int], fp32_scores: dict[str, float]) -> Row:
+    """The FP32 reference: its figures against itself and its N:M weight count (expected 0)."""
+    n, m = pattern
+    row = Row(data.spec.name, f"{n}:{m}", "dense", None, scores=dict(fp32_scores))
+    try:
+        row.nm_weights, row.gemm_weights, row.nm_counted_by = nm_weights(data.fp32, n, m)
+    except Exception as exc:  # noqa: BLE001 - a count that fails must not lose the row
+        row.note = f"n:m weights not counted: {one_line(exc)}"
+    return row
+
+
+def method_row(data: ModelData, method: Method, pattern: tuple[int, int], args: argparse.Namespace,
+               workdir: Path) -> Row:
+    """One pruning with ``method`` at ``pattern``, scored; its file is counted and deleted. Never raises."""
+    n, m = pattern
+    options = pass_options(method, n, m, args)
+    row = Row(data.spec.name, f"{n}:{m}", method.name, method.recipe, options)
+    tag = re.sub(r"[^\w.-]+", "_", f"{n}of{m}-{method.name}")
+    print(f"  {row.model} {row.pattern} {method.name} {options}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    output, rundir = workdir / f"{tag}.onnx", workdir / f"run-{tag}"
+    rundir.mkdir()
+    results: list[Any] = []
+    attempt = run_variant(optimize_variant(method.recipe, options, results), data, output, rundir)
+    row.status, row.note, row.seconds, row.scores = attempt.status, attempt.note, attempt.seconds, attempt.scores
+    if results:
+        row.optimize_seconds = results[0].seconds
+        fill_from_records(row, results[0].records)
+    if attempt.status == "ok":
+        try:
+            row.nm_weights, row.gemm_weights, row.nm_counted_by = nm_weights(output, n, m)
+            if row.pruned is not None and row.nm_weights < row.pruned:
+                row.note = f"only {row.nm_weights} weights satisfy {n}:{m} but prune-nm pruned {row.pruned}"
+        except Exception as exc:  # noqa: BLE001 - a count that fails must not lose the row
+            row.note = f"n:m weights not counted: {one_line(exc)}"
+    output.unlink(missing_ok=True)
+    shutil.rmtree(rundir, ignore_errors=True)
+    row.wall_seconds = time.perf_counter() - start
+    print(f"    {row.status} {row.scores} {row.seconds and round(row.seconds, 1)} s {row.note}", file=sys.stderr,
+          flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def verdicts(model: SparseModel, pattern: str, rows: Sequence[Row], methods: Sequence[str]) -> list[str]:
+    """E-Sparse rows against Wanda in this run (see the module docstring for the rule)."""
+    key, header = model.metrics[0]
+    ok = {row.method: row for row in rows if row.status == "ok" and math.isfinite(row.scores.get(key, math.nan))}
+    lines = []
+    for name, title in VERDICT_ROWS:
+        if name not in methods:
+            continue
+        if "wanda" not in ok or name not in ok:
+            missing = " and ".join(f"{n!r}" for n in (name, "wanda") if n not in ok)
+            lines.append(f"{title}: not judged (no {missing} figure in this run)")
+            continue
+        value, wanda = ok[name].scores[key], ok["wanda"].scores[key]
+        if model.lower_is_better:
+            reduction = (wanda - value) / wanda * 100
+            ceiling = PPL_CEILING.get(pattern)
+            passed = reduction >= TARGET_REDUCTION and (ceiling is None or value <= ceiling)
+            target = f">= {TARGET_REDUCTION:g} %" + (f", and <= {ceiling:g} at {pattern}" if ceiling else "")
+            lines.append(f"{title}: {value:.2f} {header} vs Wanda {wanda:.2f} in this run: {abs(reduction):.1f} % "
+                         f"{'lower' if reduction >= 0 else 'higher'} (target {target}) -> "
+                         f"{'PASS' if passed else 'MISS'}")
+        else:
+            lines.append(f"{title}: {header} {value:.4f} vs Wanda {wanda:.4f} in this run: {value - wanda:+.4f} "
+                         f"(higher is better; target >= Wanda) -> {'PASS' if value >= wanda else 'MISS'}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(*values: int | None) -> str:
+    return "—" if all(value is None for value in values) else "/".join("—" if v is None else str(v) for v in values)
+
+
+def pattern_table(model: SparseModel, rows: Sequence[Row]) -> str:
+    """Method, figures, N:M weights, pruned / skipped, folded / gathered / unshuffled, kept gain, seconds."""
+    headers = ["method", *(h for _, h in model.metrics), "n:m weights", "pruned/skipped",
+               "folded/gathered/unshuffled", "kept gain", "opt s", "calib s", "notes"]
+    lines = []
+    for row in rows:
+        figures = [_fmt(row.scores.get(key), 2 if key == "perplexity" else 4) for key, _ in model.metrics]
+        gain = "—" if row.kept_gain_mean is None else f"{row.kept_gain_mean:+.4f}"
+        note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
+        lines.append([row.method, *figures, _ratio(row.nm_weights, row.gemm_weights), _ratio(row.pruned, row.skipped),
+                      _ratio(row.folded, row.gathered, row.unshuffled), gain, _fmt(row.seconds, 1),
+                      _fmt(row.calibration_seconds, 1), note.replace("|", r"\|")])
+    return markdown_table(headers, lines)
+
+
+LEGEND = ("n:m weights: GEMM weights of the written file that satisfy the row's N:M on their input axis / all "
+          "MatMul, Gemm, Conv constant weights; pruned/skipped: prune-nm's layers; folded/gathered/unshuffled: "
+          "shuffle-nm's targets; kept gain: mean over shuffle-nm's targets of the kept score fraction after - "
+          "before the shuffle; opt s: the optimize_file call; calib s: calibration inside it")
+
+
+@dataclass
+class PatternResult:
+    """One model at one pattern: its rows and verdict lines."""
+
+    pattern: str
+    rows: list[Row]
+    verdicts: list[str]
+
+
+@dataclass
+class ModelResult:
+    """Everything measured on one model."""
+
+    model: str
+    calibration_feeds: int
+    evaluation_feeds: int
+    fp32_scores: dict[str, float]
+    results: list[PatternResult] = field(default_factory=list)
+
+
+def print_pattern(model: SparseModel, result: ModelResult, pattern: PatternResult) -> None:
+    print(f"\n### {result.model} {pattern.pattern} ({result.calibration_feeds} calibration feeds, "
+          f"{result.evaluation_feeds} evaluation feeds)\n")
+    print(pattern_table(model, pattern.rows))
+    print()
+    if model.name == "smollm2":
+        counts = (result.evaluation_feeds, result.calibration_feeds)
+        differ = "" if counts == ANCHOR_COUNTS else (f"; this run: {counts[0]} windows, {counts[1]} calibration "
+                                                     "windows, not comparable")
+        print(f"- earlier anchors (context only; this machine, same data, {ANCHOR_COUNTS[0]} windows, "
+              f"{ANCHOR_COUNTS[1]} calibration windows): {EARLIER_ANCHORS}{differ}")
+    for line in pattern.verdicts:
+        print(f"- verdict: {line}")
+    sys.stdout.flush()
+
+
+def as_json(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with its :class:`ModelResult` entries as plain dictionaries."""
+    return {**document, "models": [asdict(result) for result in document["models"]]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: semi-structured 2:4 GEMM timing
+
+SMOLLM2_LINEARS = (("q_proj", 576, 576), ("k_proj", 576, 192), ("v_proj", 576, 192), ("o_proj", 576, 576),
+                   ("gate_proj", 576, 1536), ("up_proj", 576, 1536), ("down_proj", 1536, 576))
+"""SmolLM2-135M's Linear layers of one decoder layer: (name, in features, out features)."""
+GPU_TOKENS = (("prefill 1x2048", 2048), ("batch 32x128", 4096))
+GPU_WARMUP, GPU_SAMPLES, GPU_REPS = 10, 50, 10
+
+
+def prune_24(torch: Any, weight: Any) -> Any:
+    """``weight [out, in]`` with the 2 largest ``|w|`` of every 4 consecutive input channels kept, the rest 0."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(rows, cols).contiguous()
+
+
+def cuda_median_ms(torch: Any, fn: Any) -> float:
+    """Median over :data:`GPU_SAMPLES` samples of ``fn``'s time per call in ms (CUDA events around
+    :data:`GPU_REPS` back-to-back calls, after :data:`GPU_WARMUP` calls)."""
+    for _ in range(GPU_WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(GPU_SAMPLES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(GPU_REPS):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / GPU_REPS)
+    return statistics.median(samples)
+
+
+def gpu_benchmark() -> dict[str, Any]:
+    """Dense vs semi-structured sparse ``F.linear`` at SmolLM2's shapes; ``{"skipped": reason}`` without CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as exc:
+        return {"skipped": f"torch is not importable ({one_line(exc)})"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch.cuda.is_available() is false (no CUDA GPU on this machine)"}
+    try:
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    except ImportError as exc:
+        return {"skipped": f"this torch has no semi-structured sparsity ({one_line(exc)})"}
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    has_cusparselt = bool(cusparselt is not None and cusparselt.is_available())
+    SparseSemiStructuredTensor._FORCE_CUTLASS = not has_cusparselt
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__, "backend": "cuSPARSELt" if has_cusparselt else "CUTLASS (no cuSPARSELt)",
+        "dtype": "float16", "warmup": GPU_WARMUP, "samples": GPU_SAMPLES, "calls_per_sample": GPU_REPS,
+        "paper_speedup": PAPER_SPEEDUP, "cases": []}
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for case, tokens in GPU_TOKENS:
+        cells = []
+        for name, d_in, d_out in SMOLLM2_LINEARS:
+            cell: dict[str, Any] = {"layer": name, "in": d_in, "out": d_out, "tokens": tokens}
+            print(f"  gpu {case} {name} {d_in}->{d_out}", file=sys.stderr, flush=True)
+            try:
+                with torch.no_grad():
+                    weight = prune_24(torch, torch.randn(d_out, d_in, device="cuda", dtype=torch.float16,
+                                                         generator=generator))
+                    x = torch.randn(tokens, d_in, device="cuda", dtype=torch.float16, generator=generator)
+                    sparse = to_sparse_semi_structured(weight)
+                    dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
+                    cell["max_abs_diff"] = float((dense_out.float() - sparse_out.float()).abs().max())
+                    cell["max_abs_dense"] = float(dense_out.float().abs().max())
+                    cell["dense_ms"] = cuda_median_ms(torch, lambda: F.linear(x, weight))
+                    cell["sparse_ms"] = cuda_median_ms(torch, lambda: F.linear(x, sparse))
+                cell["speedup"] = cell["dense_ms"] / cell["sparse_ms"]
+            except Exception as exc:  # noqa: BLE001 - a rejected shape is an error cell
+                cell["error"] = one_line(exc)
+            cells.append(cell)
+        timed = [cell for cell in cells if "error" not in cell]
+        layer: dict[str, Any] = {"shapes": len(cells), "timed": len(timed)}
+        if len(timed) == len(cells):
+            layer["dense_ms"] = sum(cell["dense_ms"] for cell in cells)
+            layer["sparse_ms"] = sum(cell["sparse_ms"] for cell in cells)
+            layer["speedup"] = layer["dense_ms"] / layer["sparse_ms"]
+        result["cases"].append({"case": case, "tokens": tokens, "shapes": cells, "decoder_layer": layer})
+    return result
+
+
+def print_gpu(result: dict[str, Any]) -> None:
+    print("\n### GPU: semi-structured 2:4 sparse GEMM vs dense (SmolLM2 shapes, float16)\n")
+    if "skipped" in result:
+        print(f"- skipped: {result['skipped']}")
+        return
+    lines = []
+    for case in result["cases"]:
+        for cell in case["shapes"]:
+            lines.append([case["case"], cell["layer"], f"{cell['in']}->{cell['out']}",
+                          _fmt(cell.get("dense_ms"), 4), _fmt(cell.get("sparse_ms"), 4), _fmt(cell.get("speedup"), 2),
+                          cell.get("error", "").replace("|", r"\|")])
+        layer = case["decoder_layer"]
+        lines.append([case["case"], "decoder layer (sum)", "7 GEMMs", _fmt(layer.get("dense_ms"), 4),
+                      _fmt(layer.get("sparse_ms"), 4), _fmt(layer.get("speedup"), 2),
+                      "" if "speedup" in layer else f"{layer['timed']} of {layer['shapes']} shapes timed"])
+    print(markdown_table(["tokens", "layer", "in->out", "dense ms", "sparse ms", "speedup", "notes"], lines))
+    print(f"\n- {result['device']} (sm {'.'.join(map(str, result['capability']))}), torch {result['torch']}, "
+          f"backend {result['backend']}; median of {GPU_SAMPLES} samples of {GPU_REPS} calls after {GPU_WARMUP} "
+          f"warm-up calls; E-Sparse paper: {PAPER_SPEEDUP}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_names(parser: argparse.ArgumentParser, text: str, known: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        parser.error(f"unknown or no {what} {unknown}; known: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of: {', '.join(MODELS)}")
+    parser.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
+                        help=f"comma-separated N:M patterns (default {','.join(DEFAULT_PATTERNS)})")
+    parser.add_argument("--methods", default=",".join(name for name in METHODS if name != "dense"),
+                        help="comma-separated subset of: " + ", ".join(METHODS) + " (dense is always run)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="E-Sparse alpha for the esparse rows (default: not passed, the passes' default 1.0)")
+    parser.add_argument("--shuffle", default=DEFAULT_SHUFFLE, choices=SHUFFLE_CHOICES,
+                        help=f"shuffle of the esparse+shuffle rows (default {DEFAULT_SHUFFLE}; apex: 2:4 only)")
+    parser.add_argument("--calib", type=int, default=DEFAULT_CALIBRATION, metavar="N",
+                        help=f"calibration feeds per model (default {DEFAULT_CALIBRATION})")
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, metavar="N",
+                        help=f"SmolLM2 evaluation windows of 256 tokens (default {DEFAULT_WINDOWS}, at most 80)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also time torch's semi-structured 2:4 GEMM vs dense at SmolLM2's shapes (CUDA only)")
+    parser.add_argument("--out", "--json", dest="out", type=Path, default=DEFAULT_OUT, metavar="PATH",
+                        help="where to write the JSON (default benchmarks/results/esparse.json)")
+    args = parser.parse_args(argv)
+    args.models = parse_names(parser, args.models, list(MODELS), "models")
+    args.methods = ["dense", *(name for name in parse_names(parser, args.methods, list(METHODS), "methods")
+                               if name != "dense")]
+    try:
+        args.patterns = list(dict.fromkeys(parse_pattern(text) for text in args.patterns.split(",")))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.calib < 1 or args.windows < 1:
+        parser.error("--calib and --windows must be at least 1")
+    if args.alpha is not None and not args.alpha >= 0:
+        parser.error("--alpha must be >= 0")
+    return args
+
+
+def run_model(model: SparseModel, args: argparse.Namespace, document: dict[str, Any], workdir: Path) -> None:
+    """Every pattern and method on one model; the JSON is rewritten after every pattern."""
+    print(f"{model.name}: preparing data", file=sys.stderr, flush=True)
+    data = prepare(model, args.calib, args.windows)
+    fp32_scores = data.zoo.score(data.reference, data.reference)
+    result = ModelResult(model.name, len(data.calibration), len(data.evaluation), fp32_scores)
+    document["models"].append(result)
+    for n, m in args.patterns:
+        pattern = f"{n}:{m}"
+        rows = [dense_row(data, (n, m), fp32_scores)]
+        rows += [method_row(data, METHODS[name], (n, m), args, workdir) for name in args.methods if name != "dense"]
+        result.results.append(PatternResult(pattern, rows, verdicts(model, pattern, rows, args.methods)))
+        print_pattern(model, result, result.results[-1])
+        write_json(args.out, as_json(document))
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; prints the tables as they are done and returns the JSON document."""
+    importlib.import_module("onnxsmith.optimizer.pipeline")  # imported before any clock starts
+
+    start = time.perf_counter()
+    document: dict[str, Any] = {
+        "benchmark": "esparse",
+        "environment": environment(),
+        "settings": {
+            "models": args.models,
+            "patterns": [f"{n}:{m}" for n, m in args.patterns],
+            "methods": {name: {"recipe": METHODS[name].recipe, "options": METHODS[name].options}
+                        for name in args.methods},
+            "alpha": args.alpha,
+            "shuffle": args.shuffle,
+            "calibration_feeds": args.calib,
+            "smollm2_evaluation_windows": args.windows,
+            "verdict": {"target_reduction_percent": TARGET_REDUCTION, "ppl_ceiling": PPL_CEILING},
+            "earlier_anchors": {"figures": EARLIER_ANCHORS, "evaluation_windows": ANCHOR_COUNTS[0],
+                                "calibration_windows": ANCHOR_COUNTS[1]},
+            "gpu": args.gpu,
+        },
+        "models": [],
+        "complete": False,
+    }
+    for name in args.models:
+        with tempfile.TemporaryDirectory(prefix=f"esparse.{name}.") as tmp:
+            try:
+                run_model(MODELS[name], args, document, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - a model whose data cannot be prepared must not stop the run
+                print(f"\n- {name}: error: {one_line(exc)}")
+                document.setdefault("model_errors", {})[name] = one_line(exc)
+                write_json(args.out, as_json(document))
+    if args.gpu:
+        document["gpu"] = gpu_benchmark()
+        print_gpu(document["gpu"])
+    print(f"\n- {LEGEND}")
+    seconds = time.perf_counter() - start
+    print(f"- total run time {seconds:.0f} s")
+    document.update(total_seconds=seconds, complete=True)
+    return as_json(document)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    document = run_benchmark(args)
+    write_json(args.out, document)
+    print(f"- JSON written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

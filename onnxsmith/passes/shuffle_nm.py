@@ -1,0 +1,175 @@
+"""Lossless: permute the input channels of N:M pruning targets so that more of their score survives the pruning.
+
+For the layers ``prune-nm`` would prune (same ``n``, ``m``, ``min_channels``, ``exclude_regex``, ``skip_head``) this pass picks
+a permutation of each layer's input channels with :func:`onnxsmith.calibration.nm_shuffle.choose_nm_permutation`
+(``shuffle``: E-Sparse's global naive shuffle, its local block shuffle, or apex's regrouping search) on the
+layer's pruning scores (``score``, ``alpha``, ``bins`` as in ``prune-nm``), and absorbs it so the model computes
+the same function:
+
+- **folded**: when the layer's input channels form a region of ``reorder-channels`` (a producer GEMM/Conv whose
+  output rows can be permuted: gate/up -> down, V -> O within heads, Conv -> Conv), the producers' output rows,
+  every per-channel constant on the way and all of the region's consumers are permuted; one permutation serves
+  all the region's targets. No runtime cost.
+- **gather** (``absorb="fold-or-gather"``, the default): otherwise, a ``Gather`` of the activation's channels in
+  front of the targets that read it (one per activation, shared by e.g. q/k/v) and their weights' input rows
+  permuted the same way. It costs one copy of the activation at run time.
+- **unshuffled**: ``absorb="fold"`` leaves the layers that cannot be folded as they are; a layer whose best
+  permutation is the identity is also reported so.
+
+A permutation is only taken when it raises the kept score fraction, so the pass never lowers it. Each target's
+detail names the option used and its kept fraction before and after. Folding needs static shapes: run
+``shape-inference`` with ``symbolic=True`` first, as the ``esparse24`` recipe does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxsmith.calibration.nm_shuffle import SHUFFLES, ShuffleChoice, choose_nm_permutation, kept_fraction
+from onnxsmith.calibration.observers import Observer
+from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
+from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer, check_pattern
+from onnxsmith.passes.reorder_channels import Shapes, apply_permutation, as_producer, grow_region, permute
+
+ABSORB = ("fold", "fold-or-gather")
+
+
+class ShuffleNM(Pass):
+    """Channel shuffles before N:M pruning, folded into producers or applied by a Gather; see the module docstring."""
+
+    name = "shuffle-nm"
+    description = "permute input channels so N:M pruning keeps more of the score (E-Sparse shuffles)"
+    lossless = True
+    tolerance = Tolerance(atol=1e-4, rtol=1e-4)
+    """Exact up to float summation order: permuted contractions add the same products in another order."""
+    min_opset = 13
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        score: str = "esparse",
+        alpha: float = 1.0,
+        bins: int = 256,
+        shuffle: str = "local",
+        absorb: str = "fold-or-gather",
+        block: int = 64,
+        min_channels: int = 64,
+        exclude_regex: Sequence[str] = (),
+        skip_head: bool = True,
+    ) -> None:
+        check_pattern(n, m)
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {list(SHUFFLES)}, got {shuffle!r}")
+        if shuffle == "apex" and (n, m) != (2, 4):
+            raise ValueError("shuffle 'apex' regroups 2:4 stripes only; use 'local' for other patterns")
+        if absorb not in ABSORB:
+            raise ValueError(f"absorb must be one of {list(ABSORB)}, got {absorb!r}")
+        if block < 2 * m or block % m:
+            raise ValueError(f"block must be a multiple of m = {m} holding at least two groups, got {block}")
+        self.n, self.m, self.shuffle, self.absorb, self.block = n, m, shuffle, absorb, block
+        self.selection = NMSelection(m, min_channels, tuple(exclude_regex), skip_head)
+        self.scoring = NMScoring(score, alpha, bins)
+        self.needs_calibration = self.scoring.needs_calibration and shuffle != "none"
+
+    def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
+        return self.scoring.observers(self.selection.layers(import_graph(model))[0])
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        graph = import_graph(model)
+        targets, _ = self.selection.layers(graph)
+        if self.shuffle == "none" or not targets:
+            return PassResult(model, False, {"folded": 0, "gathered": 0, "unshuffled": len(targets)}, [])
+        by_node = {id(layer.node): layer for layer in targets}
+        names = set(graph.tensors())
+        details: list[dict[str, Any]] = []
+        done: set[int] = set()
+        self._fold(graph, by_node, context, names, details, done)
+        remaining = [layer for layer in targets if id(layer.node) not in done]
+        for layers in _by_activation(remaining).values():
+            scores = [self._matrix(layer, context) for layer in layers]
+            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block)
+            gather = self.absorb == "fold-or-gather" and choice.method != "identity"
+            details += self._describe(layers, scores, choice, "gather" if gather else "unshuffled")
+            if gather:
+                _gather(layers, choice.permutation, graph, names)
+        counts = {kind: sum(d["kind"] == kind for d in details) for kind in ("folded", "gather", "unshuffled")}
+        changes = {"folded": counts["folded"], "gathered": counts["gather"], "unshuffled": counts["unshuffled"],
+                   "shuffle": self.shuffle}
+        if counts["folded"] + counts["gather"] == 0:
+            return PassResult(model, False, changes, details)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(export_graph(graph, model), True, changes, details)
+
+    def _fold(self, graph: gs.Graph, by_node: dict[int, SparseLayer], context: PassContext, names: set[str],
+              details: list[dict[str, Any]], done: set[int]) -> None:
+        """Shuffle the targets that are consumers of a foldable region, permuting the whole region."""
+        shapes = Shapes()
+        claimed: set[int] = set()
+        for node in list(graph.nodes):
+            if id(node) in claimed or as_producer(node) is None:
+                continue
+            region = grow_region(graph, node, shapes)
+            claimed.update(id(layer.node) for layer in region.producers)
+            layers = [by_node[id(c.node)] for c in region.consumers if id(c.node) in by_node]
+            if region.refusal is not None or not layers or region.group % self.m:
+                continue
+            scores = [self._matrix(layer, context) for layer in layers]
+            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, region.group, self.block)
+            if choice.method == "identity":
+                continue
+            details += self._describe(layers, scores, choice, "folded", [p.node.name for p in region.producers])
+            apply_permutation(region, choice.permutation, graph, names)
+            done.update(id(layer.node) for layer in layers)
+
+    def _matrix(self, layer: SparseLayer, context: PassContext) -> np.ndarray:
+        """The layer's scores as ``[input channels, everything else]``."""
+        scores = np.moveaxis(self.scoring.scores(layer, context.calibration), layer.in_axis, 0)
+        return scores.reshape(scores.shape[0], -1)
+
+    def _describe(self, layers: Sequence[SparseLayer], scores: Sequence[np.ndarray], choice: ShuffleChoice,
+                  kind: str, producers: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """One detail per layer: how its shuffle was absorbed and its own kept fraction before and after."""
+        applied = choice.method != "identity" and kind != "unshuffled"
+        out = []
+        for layer, matrix in zip(layers, scores):
+            before = kept_fraction([matrix], self.n, self.m)
+            after = kept_fraction([matrix], self.n, self.m, choice.permutation) if applied else before
+            detail = {"node": layer.node.name, "kind": kind if applied else "unshuffled",
+                      "method": choice.method if applied else "identity", "kept_before": before, "kept_after": after}
+            if producers:
+                detail["producers"] = list(producers)
+            out.append(detail)
+        return out
+
+
+def _by_activation(layers: Sequence[SparseLayer]) -> dict[str, list[SparseLayer]]:
+    groups: dict[str, list[SparseLayer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.activation.name, []).append(layer)
+    return groups
+
+
+def _gather(layers: Sequence[SparseLayer], permutation: np.ndarray, graph: gs.Graph, names: set[str]) -> None:
+    """Feed ``layers`` the channels of their shared activation in ``permutation`` order and permute their weights'
+    input rows to match (a weight also used elsewhere gets a permuted copy)."""
+    activation, axis = layers[0].activation, layers[0].channel_axis
+    indices = gs.Constant(unique_name(names, f"{activation.name}_nm_order"), permutation.astype(np.int64))
+    shuffled = gs.Variable(unique_name(names, f"{activation.name}_nm_shuffled"), activation.dtype,
+                           activation.shape)
+    graph.nodes.append(gs.Node("Gather", unique_name(names, f"{activation.name}_nm_gather"), {"axis": axis},
+                               [activation, indices], [shuffled]))
+    for layer in layers:
+        weight = layer.weight
+        values = permute(weight.values, (layer.in_axis,), permutation)
+        if len(weight.outputs) == 1:
+            weight.values = values
+        else:
+            layer.node.inputs[1] = gs.Constant(unique_name(names, f"{weight.name}_nm_shuffled"), values)
+        layer.node.inputs[0] = shuffled
