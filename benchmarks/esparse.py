@@ -19,7 +19,9 @@ evaluation, no progress bars), with the same calibration feeds, and scored on th
   shuffle then its local block shuffle), ``absorb`` the pass default ``fold-or-gather`` (a permutation folded into
   the producers where ``reorder-channels`` can, else a runtime ``Gather`` of the activation);
 - ``esparse+shuffle(fold-only)``: as ``esparse+shuffle`` with ``absorb="fold"``: no runtime ``Gather``, the
-  layers whose permutation cannot be folded stay unshuffled.
+  layers whose permutation cannot be folded stay unshuffled;
+- ``wanda+shuffle``: recipe ``esparse24`` with ``score="wanda"`` in both passes: the shuffles without the entropy
+  term (an ablation separating the two E-Sparse ingredients).
 
 The E-Sparse rows get ``alpha=--alpha`` only when it is given (else the passes' default, 1.0). Per model:
 
@@ -122,10 +124,11 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("esparse", "esparse24", {"shuffle": "none"}, esparse=True),
     Method("esparse+shuffle", "esparse24", {}, esparse=True),
     Method("esparse+shuffle(fold-only)", "esparse24", {"absorb": "fold"}, esparse=True),
+    Method("wanda+shuffle", "esparse24", {"score": "wanda"}),
 ]}
-SHUFFLED = ("esparse+shuffle", "esparse+shuffle(fold-only)")
+SHUFFLED = ("esparse+shuffle", "esparse+shuffle(fold-only)", "wanda+shuffle")
 VERDICT_ROWS = (("esparse+shuffle", "E-Sparse + shuffles"), ("esparse+shuffle(fold-only)", "E-Sparse + shuffles "
-                "(fold-only)"), ("esparse", "E-Sparse (no shuffle)"))
+                "(fold-only)"), ("esparse", "E-Sparse (no shuffle)"), ("wanda+shuffle", "Wanda score + shuffles"))
 
 
 @dataclass(frozen=True)

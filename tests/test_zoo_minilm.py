@@ -116,3 +116,23 @@ def test_perturbed_candidate_scores_worse(minilm: MiniLM, reference_outputs: lis
     ]
     scores = minilm.score(reference_outputs, noisy)
     assert 0.5 < scores["cosine_min"] <= scores["cosine_mean"] < 0.999
+
+
+def test_esparse24_on_minilm_folds_shuffles_and_prunes_every_gemm(minilm: MiniLM, onnx_path: Path) -> None:
+    """The real model through esparse24: the shuffle is verified lossless (fc1 -> fc2 and V -> O fold, the
+    LayerNorm readers get a Gather) and all 36 GEMM weights end 2:4 on their input axis."""
+    import onnx
+
+    from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+    from onnxsmith.optimizer.manager import PassManager
+    from onnxsmith.optimizer.pass_base import PassContext
+    from onnxsmith.optimizer.recipes import load_recipe
+
+    feeds = minilm.calibration_feeds(2)
+    result = PassManager(load_recipe("esparse24").build({"shuffle": "global"}), probe_feeds=feeds[:1]).run(
+        onnx.load(str(onnx_path)), PassContext(calibration_data=feeds, progress=False))
+    shuffle = next(record for record in result.records if record.name == "shuffle-nm")
+    assert shuffle.verification["within_tolerance"]
+    assert shuffle.changes["folded"] == 12 and shuffle.changes["gathered"] == 24
+    patterns = [row.pattern for row in inspect_sparsity(result.model)]
+    assert len(patterns) == 36 and set(patterns) == {"2:4"}

@@ -81,7 +81,7 @@ def choose_nm_permutation(
     m: int,
     method: str = "local",
     group: int | None = None,
-    block: int = 128,
+    block: int = 64,
     rounds: int = 50,
 ) -> ShuffleChoice:
     """The permutation of the input channels shared by the layers of ``scores``; see the module docstring."""

@@ -16,6 +16,10 @@ the same function:
 - **unshuffled**: ``absorb="fold"`` leaves the layers that cannot be folded as they are; a layer whose best
   permutation is the identity is also reported so.
 
+The local and apex searches work in blocks of ``block`` consecutive channels (after the global shuffle) for at
+most ``rounds`` passes. The local search matters: SmolLM2 with all 210 decoder GEMMs at 2:4 by Wanda's score
+(32 calibration windows, perplexity on the first 20 evaluation windows) scored 102.3 unshuffled, 86.4 with the
+global shuffle and 73.1 with the local search after it.
 A permutation is only taken when it raises the kept score fraction, so the pass never lowers it. Each target's
 detail names the option used and its kept fraction before and after. Folding needs static shapes: run
 ``shape-inference`` with ``symbolic=True`` first, as the ``esparse24`` recipe does.
@@ -60,6 +64,7 @@ class ShuffleNM(Pass):
         shuffle: str = "local",
         absorb: str = "fold-or-gather",
         block: int = 64,
+        rounds: int = 50,
         min_channels: int = 64,
         exclude_regex: Sequence[str] = (),
         skip_head: bool = True,
@@ -73,7 +78,9 @@ class ShuffleNM(Pass):
             raise ValueError(f"absorb must be one of {list(ABSORB)}, got {absorb!r}")
         if block < 2 * m or block % m:
             raise ValueError(f"block must be a multiple of m = {m} holding at least two groups, got {block}")
-        self.n, self.m, self.shuffle, self.absorb, self.block = n, m, shuffle, absorb, block
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        self.n, self.m, self.shuffle, self.absorb, self.block, self.rounds = n, m, shuffle, absorb, block, rounds
         self.selection = NMSelection(m, min_channels, tuple(exclude_regex), skip_head)
         self.scoring = NMScoring(score, alpha, bins)
         self.needs_calibration = self.scoring.needs_calibration and shuffle != "none"
@@ -94,7 +101,7 @@ class ShuffleNM(Pass):
         remaining = [layer for layer in targets if id(layer.node) not in done]
         for layers in _by_activation(remaining).values():
             scores = [self._matrix(layer, context) for layer in layers]
-            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block)
+            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block, self.rounds)
             gather = self.absorb == "fold-or-gather" and choice.method != "identity"
             details += self._describe(layers, scores, choice, "gather" if gather else "unshuffled")
             if gather:
@@ -121,7 +128,8 @@ class ShuffleNM(Pass):
             if region.refusal is not None or not layers or region.group % self.m:
                 continue
             scores = [self._matrix(layer, context) for layer in layers]
-            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, region.group, self.block)
+            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, region.group, self.block,
+                                           self.rounds)
             if choice.method == "identity":
                 continue
             details += self._describe(layers, scores, choice, "folded", [p.node.name for p in region.producers])
