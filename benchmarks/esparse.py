@@ -23,7 +23,7 @@ evaluation, no progress bars), with the same calibration feeds, and scored on th
 - ``wanda+shuffle``: recipe ``esparse24`` with ``score="wanda"`` in both passes: the shuffles without the entropy
   term (an ablation separating the two E-Sparse ingredients).
 
-The E-Sparse rows get ``alpha=--alpha`` only when it is given (else the passes' default, 1.0). Per model:
+The E-Sparse rows get ``alpha=--alpha`` only when it is given (else the passes' default, 100). Per model:
 
 - ``smollm2`` (SmolLM2-135M): calibration ``calibration_feeds(--calib)`` (default 32 windows x 256 pydoc tokens),
   evaluation ``evaluation_feeds(--windows)`` (default the first 80 x 256 tokens); figures ``perplexity`` (main,
@@ -579,7 +579,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(name for name in METHODS if name != "dense"),
                         help="comma-separated subset of: " + ", ".join(METHODS) + " (dense is always run)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="E-Sparse alpha for the esparse rows (default: not passed, the passes' default 1.0)")
+                        help="E-Sparse alpha for the esparse rows (default: not passed, the passes' default 100)")
     parser.add_argument("--shuffle", default=DEFAULT_SHUFFLE, choices=SHUFFLE_CHOICES,
                         help=f"shuffle of the esparse+shuffle rows (default {DEFAULT_SHUFFLE}; apex: 2:4 only)")
     parser.add_argument("--calib", type=int, default=DEFAULT_CALIBRATION, metavar="N",

@@ -36,7 +36,7 @@ def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
 
 
 def channel_factors(score: str, norms: np.ndarray | None = None, entropy: np.ndarray | None = None,
-                    alpha: float = 1.0) -> np.ndarray | None:
+                    alpha: float = 100.0) -> np.ndarray | None:
     """The per-input-channel factor that multiplies ``|W|`` (None for ``"magnitude"``: no factor).
 
     ``"wanda"``: ``‖X_j‖₂``. ``"esparse"``: ``H_j / mean(H) + alpha * ‖X_j‖₂ / mean(‖X‖₂)``, the channel's

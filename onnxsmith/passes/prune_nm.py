@@ -8,7 +8,11 @@ grouped position by position, ``m`` consecutive channels at each tap).
 Scores (``score``, :func:`onnxsmith.calibration.sparsity.channel_factors`): ``"magnitude"`` ``|W|``;
 ``"wanda"`` ``|W_ij| * ‖X_j‖₂``, the input channel's L2 norm over every calibration token; ``"esparse"``
 ``|W_ij| * (H_j / mean H + alpha * ‖X_j‖₂ / mean ‖X‖₂)`` with ``H_j`` the entropy of input channel ``j``'s
-histogram (``bins`` bins). The statistics come from one streaming pass of
+histogram (``bins`` bins). The default ``alpha = 100`` leaves the entropy a tie-breaker between channels of
+similar norm: on SmolLM2 (2:4, all 210 decoder GEMMs, 32 calibration windows, perplexity on the first 20
+evaluation windows) Wanda scored 102.3 and E-Sparse 123.3 / 107.2 / 101.8 at ``alpha`` 1 / 3 / 10 without
+shuffles; with the global shuffle Wanda 86.4, ``alpha`` 30 87.5, 100 84.6; with the local shuffle Wanda 73.1,
+``alpha`` 100 67.0. The statistics come from one streaming pass of
 :class:`~onnxsmith.calibration.observers.ChannelNormObserver` / ``ChannelEntropyObserver``.
 
 Layers pruned: MatMul (activation input 0, constant 2-D weight input 1), Gemm with ``transA=0`` and Conv with
@@ -105,7 +109,7 @@ class NMScoring:
     """How entries are ranked (``score``, ``alpha`` for E-Sparse, ``bins`` of the entropy histograms)."""
 
     score: str = "magnitude"
-    alpha: float = 1.0
+    alpha: float = 100.0
     bins: int = 256
 
     def __post_init__(self) -> None:
@@ -158,7 +162,7 @@ class PruneNM(Pass):
         n: int = 2,
         m: int = 4,
         score: str = "magnitude",
-        alpha: float = 1.0,
+        alpha: float = 100.0,
         bins: int = 256,
         min_channels: int = 64,
         exclude_regex: Sequence[str] = (),

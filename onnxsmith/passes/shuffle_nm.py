@@ -59,7 +59,7 @@ class ShuffleNM(Pass):
         n: int = 2,
         m: int = 4,
         score: str = "esparse",
-        alpha: float = 1.0,
+        alpha: float = 100.0,
         bins: int = 256,
         shuffle: str = "local",
         absorb: str = "fold-or-gather",
