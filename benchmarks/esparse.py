@@ -20,6 +20,8 @@ evaluation, no progress bars), with the same calibration feeds, and scored on th
   the producers where ``reorder-channels`` can, else a runtime ``Gather`` of the activation);
 - ``esparse+shuffle(fold-only)``: as ``esparse+shuffle`` with ``absorb="fold"``: no runtime ``Gather``, the
   layers whose permutation cannot be folded stay unshuffled;
+- ``esparse+shuffle(gather-each)``: as ``esparse+shuffle`` with ``absorb="fold-or-gather-each"``: every layer that
+  cannot fold gets its own permutation and ``Gather`` (q, k, v separately) instead of one per activation;
 - ``wanda+shuffle``: recipe ``esparse24`` with ``score="wanda"`` in both passes: the shuffles without the entropy
   term (an ablation separating the two E-Sparse ingredients).
 
@@ -124,11 +126,13 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("esparse", "esparse24", {"shuffle": "none"}, esparse=True),
     Method("esparse+shuffle", "esparse24", {}, esparse=True),
     Method("esparse+shuffle(fold-only)", "esparse24", {"absorb": "fold"}, esparse=True),
+    Method("esparse+shuffle(gather-each)", "esparse24", {"absorb": "fold-or-gather-each"}, esparse=True),
     Method("wanda+shuffle", "esparse24", {"score": "wanda"}),
 ]}
-SHUFFLED = ("esparse+shuffle", "esparse+shuffle(fold-only)", "wanda+shuffle")
+SHUFFLED = ("esparse+shuffle", "esparse+shuffle(fold-only)", "esparse+shuffle(gather-each)", "wanda+shuffle")
 VERDICT_ROWS = (("esparse+shuffle", "E-Sparse + shuffles"), ("esparse+shuffle(fold-only)", "E-Sparse + shuffles "
-                "(fold-only)"), ("esparse", "E-Sparse (no shuffle)"), ("wanda+shuffle", "Wanda score + shuffles"))
+                "(fold-only)"), ("esparse+shuffle(gather-each)", "E-Sparse + shuffles (a Gather per layer)"),
+                ("esparse", "E-Sparse (no shuffle)"), ("wanda+shuffle", "Wanda score + shuffles"))
 
 
 @dataclass(frozen=True)

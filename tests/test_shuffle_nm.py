@@ -124,6 +124,18 @@ def test_shuffles_are_folded_into_producers_or_gathered_and_lossless():
     assert record.changes["folded"] == 1 and record.changes["gathered"] == 5
 
 
+def test_gather_each_gives_every_unfoldable_layer_its_own_permutation():
+    model = graphs.transformer_block()
+    shared = by_node(shuffle(model)[1])
+    each_model, record = shuffle(model, absorb="fold-or-gather-each")
+    assert_same_function(model, each_model)
+    assert [node.op_type for node in each_model.graph.node].count("Gather") == 5
+    each = by_node(record)
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert each[name]["kind"] == "gather" and each[name]["kept_after"] >= shared[name]["kept_after"] - 1e-9
+    assert sum(each[n]["kept_after"] for n in each) > sum(shared[n]["kept_after"] for n in shared)
+
+
 def test_fold_only_leaves_unfoldable_layers_in_place():
     model = graphs.transformer_block()
     shuffled, record = shuffle(model, absorb="fold")

@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="E-Sparse weight of the normalised channel norm against the normalised entropy")
     sparsity.add_argument("--shuffle", choices=["none", "global", "local", "apex"],
                           help="channel shuffle before pruning (esparse24 recipes)")
-    sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather"],
-                          help="fold shuffles into producers only, or use a Gather where folding is impossible")
+    sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather", "fold-or-gather-each"],
+                          help="fold shuffles into producers only, or use a Gather where folding is impossible "
+                               "(one per activation, or one per layer)")
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
     parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
     verbosity = parser.add_mutually_exclusive_group()

@@ -13,6 +13,8 @@ the same function:
 - **gather** (``absorb="fold-or-gather"``, the default): otherwise, a ``Gather`` of the activation's channels in
   front of the targets that read it (one per activation, shared by e.g. q/k/v) and their weights' input rows
   permuted the same way. It costs one copy of the activation at run time.
+  ``absorb="fold-or-gather-each"`` gives every such layer its own permutation and ``Gather`` instead (more kept
+  score, one activation copy per layer).
 - **unshuffled**: ``absorb="fold"`` leaves the layers that cannot be folded as they are; a layer whose best
   permutation is the identity is also reported so.
 
@@ -41,7 +43,7 @@ from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
 from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer, check_pattern
 from onnxsmith.passes.reorder_channels import Shapes, apply_permutation, as_producer, grow_region, permute
 
-ABSORB = ("fold", "fold-or-gather")
+ABSORB = ("fold", "fold-or-gather", "fold-or-gather-each")
 
 
 class ShuffleNM(Pass):
@@ -99,10 +101,12 @@ class ShuffleNM(Pass):
         done: set[int] = set()
         self._fold(graph, by_node, context, names, details, done)
         remaining = [layer for layer in targets if id(layer.node) not in done]
-        for layers in _by_activation(remaining).values():
+        groups = [[layer] for layer in remaining] if self.absorb == "fold-or-gather-each" \
+            else list(_by_activation(remaining).values())
+        for layers in groups:
             scores = [self._matrix(layer, context) for layer in layers]
             choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block, self.rounds)
-            gather = self.absorb == "fold-or-gather" and choice.method != "identity"
+            gather = self.absorb != "fold" and choice.method != "identity"
             details += self._describe(layers, scores, choice, "gather" if gather else "unshuffled")
             if gather:
                 _gather(layers, choice.permutation, graph, names)
