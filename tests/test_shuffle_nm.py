@@ -116,7 +116,7 @@ def test_shuffles_are_folded_into_producers_or_gathered_and_lossless():
     details = by_node(record)
     assert details["down_proj"]["kind"] == "folded"
     assert sorted(details["down_proj"]["producers"]) == ["gate_proj", "up_proj"]
-    assert {details[name]["kind"] for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")} == {"gather"}
+    assert {details[name]["kind"] for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")} == {"gathered"}
     gathers = [node for node in shuffled.graph.node if node.op_type == "Gather"]
     assert len(gathers) == 1  # one Gather of the LayerNorm output serves all five layers reading it
     assert all(d["kept_after"] >= d["kept_before"] for d in record.details)
@@ -132,7 +132,7 @@ def test_gather_each_gives_every_unfoldable_layer_its_own_permutation():
     assert [node.op_type for node in each_model.graph.node].count("Gather") == 5
     each = by_node(record)
     for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-        assert each[name]["kind"] == "gather" and each[name]["kept_after"] >= shared[name]["kept_after"] - 1e-9
+        assert each[name]["kind"] == "gathered" and each[name]["kept_after"] >= shared[name]["kept_after"] - 1e-9
     assert sum(each[n]["kept_after"] for n in each) > sum(shared[n]["kept_after"] for n in shared)
 
 

@@ -10,7 +10,7 @@ the same function:
   output rows can be permuted: gate/up -> down, V -> O within heads, Conv -> Conv), the producers' output rows,
   every per-channel constant on the way and all of the region's consumers are permuted; one permutation serves
   all the region's targets. No runtime cost.
-- **gather** (``absorb="fold-or-gather"``, the default): otherwise, a ``Gather`` of the activation's channels in
+- **gathered** (``absorb="fold-or-gather"``, the default): otherwise, a ``Gather`` of the activation's channels in
   front of the targets that read it (one per activation, shared by e.g. q/k/v) and their weights' input rows
   permuted the same way. It costs one copy of the activation at run time.
   ``absorb="fold-or-gather-each"`` gives every such layer its own permutation and ``Gather`` instead (more kept
@@ -107,13 +107,12 @@ class ShuffleNM(Pass):
             scores = [self._matrix(layer, context) for layer in layers]
             choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block, self.rounds)
             gather = self.absorb != "fold" and choice.method != "identity"
-            details += self._describe(layers, scores, choice, "gather" if gather else "unshuffled")
+            details += self._describe(layers, scores, choice, "gathered" if gather else "unshuffled")
             if gather:
                 _gather(layers, choice.permutation, graph, names)
-        counts = {kind: sum(d["kind"] == kind for d in details) for kind in ("folded", "gather", "unshuffled")}
-        changes = {"folded": counts["folded"], "gathered": counts["gather"], "unshuffled": counts["unshuffled"],
-                   "shuffle": self.shuffle}
-        if counts["folded"] + counts["gather"] == 0:
+        counts = {kind: sum(d["kind"] == kind for d in details) for kind in ("folded", "gathered", "unshuffled")}
+        changes = {**counts, "shuffle": self.shuffle}
+        if counts["folded"] + counts["gathered"] == 0:
             return PassResult(model, False, changes, details)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(export_graph(graph, model), True, changes, details)
