@@ -167,7 +167,7 @@ def test_shuffle_then_prune_keeps_at_least_the_unshuffled_score(score):
 
 def test_bad_options():
     for options in ({"shuffle": "random"}, {"absorb": "residual"}, {"n": 4, "m": 8, "shuffle": "apex"},
-                    {"block": 6}, {"score": "entropy"}):
+                    {"block": 6}, {"score": "entropy"}, {"min_channels": 0}):
         with pytest.raises(ValueError):
             ShuffleNM(**options)
     assert ShuffleNM(score="magnitude").needs_calibration is False and ShuffleNM().needs_calibration is True

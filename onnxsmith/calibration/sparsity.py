@@ -12,6 +12,12 @@ import numpy as np
 SCORES = ("magnitude", "wanda", "esparse")
 
 
+def check_pattern(n: int, m: int) -> None:
+    """Raise ValueError unless ``n`` and ``m`` are integers with ``0 < n < m``."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"need integers 0 < n < m, got n={n!r}, m={m!r}")
+
+
 def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
     """Boolean mask keeping the ``n`` largest ``scores`` of every ``m`` consecutive entries along ``axis``.
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.sparsity import satisfies_nm
+from onnxsmith.calibration.sparsity import check_pattern, satisfies_nm
 from onnxsmith.optimizer.model_io import load_model
 from onnxsmith.passes.graph_utils import import_graph
 
@@ -135,8 +135,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def _ordered_patterns(patterns: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     for n, m in patterns:
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ValueError(f"patterns must be pairs of integers 0 < n < m, got {(n, m)!r}")
+        check_pattern(n, m)
     return sorted(patterns, key=lambda p: (p[0] / p[1], p[1]))
 
 

@@ -34,7 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.observers import ChannelEntropyObserver, ChannelNormObserver, Observer
-from onnxsmith.calibration.sparsity import SCORES, channel_factors, nm_mask
+from onnxsmith.calibration.sparsity import SCORES, channel_factors, check_pattern, nm_mask
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph
 from onnxsmith.passes.qdq_nodes import weight_input_axis, weight_site
@@ -72,6 +72,10 @@ class NMSelection:
     exclude_regex: Sequence[str] = ()
     skip_head: bool = True
     """Keep a layer that writes a graph output (a classifier or LM head) dense."""
+
+    def __post_init__(self) -> None:
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
 
     def layers(self, graph: gs.Graph) -> tuple[list[SparseLayer], dict[str, str]]:
         """The layers to prune in graph order and the skipped ones with their reasons."""
@@ -144,11 +148,6 @@ class NMScoring:
         return values * factors.reshape(shape)
 
 
-def check_pattern(n: int, m: int) -> None:
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-        raise ValueError(f"need integers 0 < n < m, got n={n!r}, m={m!r}")
-
-
 class PruneNM(Pass):
     """N:M sparsity of GEMM weights by magnitude, Wanda or E-Sparse score; see the module docstring."""
 
@@ -169,8 +168,6 @@ class PruneNM(Pass):
         skip_head: bool = True,
     ) -> None:
         check_pattern(n, m)
-        if min_channels < 1:
-            raise ValueError(f"min_channels must be >= 1, got {min_channels}")
         self.n, self.m = n, m
         self.selection = NMSelection(m, min_channels, tuple(exclude_regex), skip_head)
         self.scoring = NMScoring(score, alpha, bins)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,15 +122,9 @@ class ReorderChannels(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
-        shapes = Shapes()
         names = set(graph.tensors())
-        claimed: set[int] = set()
         details, reordered = [], 0
-        for node in list(graph.nodes):
-            if id(node) in claimed or as_producer(node) is None:
-                continue
-            region = grow_region(graph, node, shapes)
-            claimed.update(id(layer.node) for layer in region.producers)
+        for region in regions(graph):
             if region.refusal is not None:
                 details.append({"kind": "skipped", "producers": _names(region.producers),
                                 "reason": region.refusal})
@@ -198,6 +193,20 @@ def as_producer(node: gs.Node) -> tuple[Layout, Layer] | None:
             return None
         sites += [Site(node, 2, (bias.values.ndim - 1,))] if role == "channels" else []
     return layout, Layer(node, GemmWeight(w.T if out_axis == 0 else w), sites)
+
+
+def regions(graph: gs.Graph) -> Iterator[Region]:
+    """Every region of ``graph`` once, grown from its first producer in node order (refused ones included).
+
+    Regions are grown lazily, so a caller may permute one region before the next is grown."""
+    shapes = Shapes()
+    claimed: set[int] = set()
+    for node in list(graph.nodes):
+        if id(node) in claimed or as_producer(node) is None:
+            continue
+        region = grow_region(graph, node, shapes)
+        claimed.update(id(layer.node) for layer in region.producers)
+        yield region
 
 
 def grow_region(graph: gs.Graph, start: gs.Node, shapes: Shapes) -> Region:

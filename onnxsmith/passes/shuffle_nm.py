@@ -40,8 +40,9 @@ from onnxsmith.calibration.nm_shuffle import SHUFFLES, ShuffleChoice, choose_nm_
 from onnxsmith.calibration.observers import Observer
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
-from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer, check_pattern
-from onnxsmith.passes.reorder_channels import Shapes, apply_permutation, as_producer, grow_region, permute
+from onnxsmith.calibration.sparsity import check_pattern
+from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer
+from onnxsmith.passes.reorder_channels import apply_permutation, permute, regions
 
 ABSORB = ("fold", "fold-or-gather", "fold-or-gather-each")
 
@@ -120,13 +121,7 @@ class ShuffleNM(Pass):
     def _fold(self, graph: gs.Graph, by_node: dict[int, SparseLayer], context: PassContext, names: set[str],
               details: list[dict[str, Any]], done: set[int]) -> None:
         """Shuffle the targets that are consumers of a foldable region, permuting the whole region."""
-        shapes = Shapes()
-        claimed: set[int] = set()
-        for node in list(graph.nodes):
-            if id(node) in claimed or as_producer(node) is None:
-                continue
-            region = grow_region(graph, node, shapes)
-            claimed.update(id(layer.node) for layer in region.producers)
+        for region in regions(graph):
             layers = [by_node[id(c.node)] for c in region.consumers if id(c.node) in by_node]
             if region.refusal is not None or not layers or region.group % self.m:
                 continue

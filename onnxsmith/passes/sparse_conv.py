@@ -54,9 +54,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.sparsity import satisfies_nm
+from onnxsmith.calibration.sparsity import check_pattern, satisfies_nm
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
+from onnxsmith.passes.qdq_nodes import weight_input_axis
 
 
 class SparseGemmToConv(Pass):
@@ -70,8 +71,7 @@ class SparseGemmToConv(Pass):
     min_opset = 13
 
     def __init__(self, n: int = 2, m: int = 4, only_sparse: bool = True, exclude_regex: Sequence[str] = ()) -> None:
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ValueError(f"need integers 0 < n < m, got n={n!r}, m={m!r}")
+        check_pattern(n, m)
         if not isinstance(only_sparse, bool):
             raise ValueError(f"only_sparse must be true or false, got {only_sparse!r}")
         if isinstance(exclude_regex, str):
@@ -132,8 +132,8 @@ def _shape_reason(node: gs.Node) -> str | None:
 
 
 def _in_axis(node: gs.Node) -> int:
-    """The weight's input-channel axis: Gemm 1 with ``transB=1``, else 0."""
-    return 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+    """The constant 2-D weight's input-channel axis (Gemm 1 with ``transB=1``, else 0)."""
+    return weight_input_axis(node, node, 1)
 
 
 def _in_channels(node: gs.Node) -> int:
