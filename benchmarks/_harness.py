@@ -71,9 +71,12 @@ def peak_rss_mib() -> float:
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    """The session every benchmark uses for every model: CPU, all graph optimizations on, default threads."""
+    """The session every benchmark uses for every model: CPU, all graph optimizations on, default threads, and
+    ``DequantizeLinear(INT4) -> MatMul`` fused into ``MatMulNBits`` with float activations (accuracy level 0, as
+    :func:`onnxsmith.backends.onnxruntime.create_session`; onnxruntime's default 4 quantizes them to int8)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

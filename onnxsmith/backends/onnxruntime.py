@@ -23,10 +23,14 @@ def create_session(
     """A CPU session for a model object or file.
 
     ``optimize=False`` disables onnxruntime's own graph rewrites, so the session computes exactly what the
-    graph says (used to verify rewrites). Large model objects go through a temporary file with external data.
+    graph says (used to verify rewrites). With rewrites on, the ``DequantizeLinear(INT4) -> MatMul`` fusion
+    into ``MatMulNBits`` keeps float activations (``session.qdq_matmulnbits_accuracy_level`` 0; onnxruntime's
+    default 4 would quantize them to int8 on the fly, changing the graph's values). Large model objects go
+    through a temporary file with external data.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -134,6 +134,36 @@ class ChannelNormObserver(Observer):
         self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
 
 
+class GramObserver(Observer):
+    """Running ``X^T X`` of the rows of ``X [tokens, channels]`` (the last axis is the channel axis).
+
+    ``gram`` is ``X^T X / tokens`` (float64 ``[channels, channels]``; None before data): the Hessian of a linear
+    layer's mean squared output error with respect to its weight, up to a factor 2. The first batch fixes the
+    channel count; a batch with another count raises ValueError.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.sum_outer: np.ndarray | None = None
+        self.rows = 0
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        return None if self.sum_outer is None else self.sum_outer / max(self.rows, 1)
+
+    def state_bytes(self) -> int:
+        return 0 if self.sum_outer is None else self.sum_outer.nbytes
+
+    def _update(self, values: np.ndarray) -> None:
+        rows = values.reshape(-1, values.shape[-1])
+        if self.sum_outer is not None and rows.shape[1] != self.sum_outer.shape[0]:
+            raise ValueError(f"{self._label()}: batch has {rows.shape[1]} channels, earlier batches had "
+                             f"{self.sum_outer.shape[0]}")
+        outer = rows.T @ rows
+        self.sum_outer = outer if self.sum_outer is None else self.sum_outer + outer
+        self.rows += rows.shape[0]
+
+
 _RANGE_MARGIN = 2.0**-20
 """Relative headroom above the first ``max|v|``, so every observed value lies strictly inside the range."""
 

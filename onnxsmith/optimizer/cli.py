@@ -14,6 +14,8 @@ from onnxsmith.optimizer.inspect_sparsity import COMMAND as INSPECT_SPARSITY, bu
 from onnxsmith.optimizer.manager import PassRecord
 from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file, plan
 from onnxsmith.calibration.blocks import GridSpec
+from onnxsmith.calibration.int4 import BLOCK_SIZES
+from onnxsmith.calibration.lsq import SCALE_GRADIENTS
 from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, builtin_recipes
 
 EXAMPLES = f"""\
@@ -32,6 +34,10 @@ examples:
   optimize zoo:smollm2 --recipe esparse24 --alpha 10   E-Sparse 2:4 with channel shuffles (head kept dense)
   optimize zoo:minilm --recipe wanda24 --nm 4:8    Wanda 4:8 sparsity
   optimize inspect-sparsity model.onnx [--json]  which GEMM weights are 2:4 / 4:8 sparse on the input axis
+  optimize zoo:smollm2 --recipe int4-awq --block-size 64           INT4 weight-only, AWQ scaling (TensorRT form)
+  optimize zoo:smollm2 --recipe int4-wo --block-size 32 --target onnxruntime   MatMulNBits
+  optimize zoo:minilm --recipe w4a8 --learn-steps 100   INT4 weights + INT8 activations, learned steps
+  optimize zoo:minilm --recipe w4a4-kd           W4A4, LSQ steps distilled layer by layer
 
 exit codes: 0 success, 1 a pass failed or broke the model, 2 bad input (one-line message; --debug for a trace)
 """
@@ -90,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                               help="keep nodes whose name matches REGEX in float (repeatable), e.g. 'lm_head|router'")
     quantization.add_argument("--exclude-op", metavar="OP", action="append", default=[],
                               help="keep nodes of this op type in float (repeatable)")
+    int4 = parser.add_argument_group("INT4 and learned steps (int4-wo, int4-awq, w4a8, w4a4-kd)")
+    int4.add_argument("--block-size", type=int, choices=BLOCK_SIZES, metavar="N",
+                      help=f"INT4 weight block along K, one of {list(BLOCK_SIZES)} (TensorRT: 64 or 128)")
+    int4.add_argument("--target", choices=["tensorrt", "onnxruntime"],
+                      help="INT4 weight-only form: DequantizeLinear INT4 (TensorRT) or MatMulNBits (onnxruntime)")
+    int4.add_argument("--int4-method", dest="method", choices=["rtn", "mse", "awq"],
+                      help="INT4 weight steps: round-to-nearest, MSE-clipped, or AWQ scaling + MSE")
+    int4.add_argument("--learn-steps", type=_non_negative_int, metavar="N",
+                      help="LSQ training steps per layer (0: no learning)")
+    int4.add_argument("--scale-gradient", choices=list(SCALE_GRADIENTS),
+                      help="gradient of the learned steps (lsq, or clip: saturation term only)")
     sparsity = parser.add_argument_group("sparsity (override the recipe's N:M passes)")
     sparsity.add_argument("--nm", type=_pattern, metavar="N:M",
                           help="sparsity pattern: keep N of every M input channels (2:4, 4:8)")
@@ -199,6 +216,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _pattern(text: str) -> tuple[int, int]:
     n, _, m = text.partition(":")
     if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
@@ -224,7 +247,8 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
     if args.calibrator:
         options["calibrator"] = args.calibrator
     for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss", "weight_grid", "act_groups", "weight_only",
-                 "strategy", "score", "alpha", "shuffle", "absorb"):
+                 "strategy", "score", "alpha", "shuffle", "absorb", "block_size", "target", "method", "learn_steps",
+                 "scale_gradient"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.nm is not None:

@@ -4,6 +4,7 @@ from onnxsmith.optimizer.pass_base import Pass
 from onnxsmith.passes.constant_folding import ConstantFolding
 from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
 from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
+from onnxsmith.passes.int4_weight import Int4Weight
 from onnxsmith.passes.prune_nm import PruneNM
 from onnxsmith.passes.ptq_qdq import PtqQuantize
 from onnxsmith.passes.qdq_int8 import QuantizeInt8
@@ -26,6 +27,7 @@ PASSES: dict[str, type[Pass]] = {
         UpgradeOpset,
         QuantizeInt8,
         PtqQuantize,
+        Int4Weight,
         ShuffleNM,
         PruneNM,
         SparseGemmToConv,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxsmith.calibration.int4 import int4_initializer
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -41,3 +44,13 @@ def unique_name(names: set[str], base: str) -> str:
         name, suffix = f"{base}{suffix}", suffix + 1
     names.add(name)
     return name
+
+
+def store_as_int4(model: onnx.ModelProto, names: set[str]) -> None:
+    """Re-store the named initializers (int8 arrays holding levels ``-8 .. 7``) as packed ONNX ``INT4`` tensors.
+
+    onnx-graphsurgeon 0.6.1 cannot export INT4 constants, so passes build them as int8 and convert after export.
+    """
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name in names:
+            model.graph.initializer[index].CopyFrom(int4_initializer(tensor.name, numpy_helper.to_array(tensor)))

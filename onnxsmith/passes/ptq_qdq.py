@@ -26,6 +26,15 @@ an opset-21 blocked ``DequantizeLinear`` on the weight's input axis (the pass th
 ``act_groups`` splits each uniform activation input's features into that many groups with one step each,
 emitted as float fake quantization (``Div -> Round -> Clip -> Mul``; no runtime has an integer GEMM for it). Layouts the search cannot express stay per-channel.
 ``weight_only`` quantizes weights alone: activations stay float, activation x activation MatMuls untouched.
+``block_size`` (overrides ``weight_grid``): one step per output channel and ``block_size`` input channels, for a
+layer whose input channels it divides (others keep the per-channel grid, said in the details).
+``weight_dtype="int4"`` (``wbits <= 4``) stores blocked weights as ONNX ``INT4`` (type 22, packed) instead of int8.
+
+Learned steps (:mod:`onnxsmith.calibration.lsq`): ``learn_steps > 0`` then trains each GEMM layer's weight block
+steps and its uniform per-tensor activation step with LSQ (``scale_gradient``, ``learn_lr``) to reproduce the
+float layer's output on ``learn_rows`` calibration rows drawn at random (fixed seed; layer-wise distillation),
+starting from the searched steps; the best steps seen are kept, so a layer's reconstruction error never rises.
+Twin-uniform and grouped activations keep their searched steps.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch.nn.functional as F
 
 from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
 from onnxsmith.calibration.gradients import LOSSES
+from onnxsmith.calibration.lsq import SCALE_GRADIENTS, block_expander, train_layer
 from onnxsmith.calibration.metrics import METRICS
 from onnxsmith.calibration.observers import Observer, SampleObserver
 from onnxsmith.calibration.scale_search import (
@@ -53,7 +63,7 @@ from onnxsmith.calibration.scale_search import (
 )
 from onnxsmith.calibration.twin_uniform import TwinParams
 from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.graph_utils import export_graph, import_graph, store_as_int4
 from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, Placement, QuantizeInt8
 from onnxsmith.passes.qdq_nodes import (
     insert_grouped_fake_quant,
@@ -95,6 +105,8 @@ class LayerPlan:
     metric_value: float | None
     grid: BlockGrid | None = None
     act_grid: BlockGrid | None = None
+    learned: tuple[float, float] | None = None
+    """Relative reconstruction loss before / after learning the steps (None: not learned)."""
 
 
 class PtqQuantize(Pass):
@@ -123,6 +135,12 @@ class PtqQuantize(Pass):
         weight_grid: str = "per-channel",
         act_groups: int = 1,
         weight_only: bool = False,
+        block_size: int | None = None,
+        weight_dtype: str = "int8",
+        learn_steps: int = 0,
+        learn_lr: float = 5e-3,
+        learn_rows: int = 1024,
+        scale_gradient: str = "lsq",
         activation_matmuls: bool = True,
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
@@ -150,7 +168,19 @@ class PtqQuantize(Pass):
         self.twin, self.twin_form, self.act_dtype = twin, twin_form, act_dtype
         self.rounds, self.n, self.alpha, self.beta, self.samples = rounds, n, alpha, beta, samples
         self.act_groups, self.weight_only = act_groups, weight_only
-        self.min_opset = 13 if self.grid_spec.in_blocks == 1 else 21  # blocked DequantizeLinear is opset 21
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if weight_dtype not in ("int8", "int4") or (weight_dtype == "int4" and wbits > 4):
+            raise ValueError(f"weight_dtype must be 'int8', or 'int4' with wbits <= 4; got {weight_dtype!r} "
+                             f"with wbits {wbits}")
+        if learn_steps < 0 or learn_lr <= 0 or learn_rows < 1 or scale_gradient not in SCALE_GRADIENTS:
+            raise ValueError(f"need learn_steps >= 0, learn_lr > 0, learn_rows >= 1, scale_gradient in "
+                             f"{list(SCALE_GRADIENTS)}; got {learn_steps}, {learn_lr}, {learn_rows}, {scale_gradient!r}")
+        self.block_size, self.weight_dtype = block_size, weight_dtype
+        self.learn_steps, self.learn_lr, self.scale_gradient = learn_steps, learn_lr, scale_gradient
+        self.learn_rows = learn_rows
+        blocked = block_size is not None or self.grid_spec.in_blocks != 1
+        self.min_opset = 21 if blocked else 13  # blocked DequantizeLinear is opset 21
         self.placer = QuantizeInt8(activation_matmuls=activation_matmuls and not weight_only,
                                    twin=twin and not weight_only, exclude_nodes=exclude_nodes,
                                    exclude_ops=exclude_ops, exclude_regex=exclude_regex)
@@ -204,12 +234,15 @@ class PtqQuantize(Pass):
             "wbits": self.wbits,
             "abits": self.abits,
             "metric": self.metric if self.rounds else "none",
-            "weight_grid": str(self.grid_spec),
+            "weight_grid": f"per-channel x {self.block_size} input channels" if self.block_size else str(self.grid_spec),
+            "layers_learned": sum(1 for d in details if d.get("learned_from") is not None),
             "weight_scales": sum(d.get("scales", 0) for d in details if d.get("kind") == "weight"),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
         modified = bool(layers)
-        return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
+        result = export_graph(graph, model) if modified else model
+        store_as_int4(result, {d["int4_initializer"] for d in details if "int4_initializer" in d})
+        return PassResult(result, modified, changes, details)
 
     def _act_quantizer(self, tensor: str, twin_layouts: dict[str, str]) -> ActQuantizer:
         if self.weight_only:
@@ -236,14 +269,33 @@ class PtqQuantize(Pass):
         x, w, g = matrices
         reader, weight_index, _ = layer.weight
         unit = int(np.prod(reader.inputs[weight_index].values.shape[2:])) if layer.node.op == "Conv" else 1
-        grid = self.grid_spec.grid(*w.shape, unit=unit)
+        grid = self._grid(w.shape, unit)
         act_grid = None
         if self.act_groups > 1 and isinstance(quantizers[index], UniformActQuantizer):
             act_grid = GridSpec(1, self.act_groups).grid(w.shape[0], 1, unit=unit)
         result = search_layer(x, w, w_bits=self.wbits, a_bits=self.abits, G=g, act_quantizer=quantizers[index],
                               weight_grid=grid, act_groups=act_grid, **options)
-        return LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value,
+        plan = LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value,
                          grid, act_grid)
+        if self.learn_steps and act_grid is None and not isinstance(quantizers[index], TwinActQuantizer):
+            if len(x) > self.learn_rows:
+                x = x[np.random.default_rng(0).choice(len(x), self.learn_rows, replace=False)]
+            learned = train_layer(x, w, plan.weight_scale, block_expander(grid.row_block, grid.col_block, *w.shape),
+                                  self.wbits, plan.act_params[index], self.abits, self.learn_steps, self.learn_lr,
+                                  self.scale_gradient)
+            plan.weight_scale, plan.learned = learned.weight_steps, (learned.loss_before, learned.loss_after)
+            if learned.act_step is not None:
+                plan.act_params[index] = float(np.float32(learned.act_step))
+        return plan
+
+    def _grid(self, shape: tuple[int, int], unit: int) -> BlockGrid:
+        """The weight grid of a ``[K, N]`` GEMM: ``block_size`` input channels per block where it divides the
+        layer's input channels, else ``weight_grid``."""
+        channels = shape[0] // unit
+        if self.block_size is not None and channels % self.block_size == 0:
+            return GridSpec(None, channels // self.block_size).grid(*shape, unit=unit)
+        spec = GridSpec(None, 1) if self.block_size is not None else self.grid_spec
+        return spec.grid(*shape, unit=unit)
 
     def _initial_plan(self, layer: Layer, index: int, quantizer: ActQuantizer, samples: list[np.ndarray]) -> LayerPlan:
         """Max-based steps for a layer the search cannot express."""
@@ -260,6 +312,8 @@ class PtqQuantize(Pass):
         feature_axis = _feature_axis(layer) if layer.weight is not None else -1  # read before the weight is replaced
         details: list[dict] = [{"node": node.name, "kind": "layer", "searched": plan.searched,
                                 "metric": self.metric, "metric_value": plan.metric_value}]
+        if plan.learned is not None:
+            details[0].update(learned_from=plan.learned[0], learned_to=plan.learned[1])
         if layer.weight is not None:
             reader, index, axis = layer.weight
             if plan.grid is None:
@@ -271,7 +325,8 @@ class PtqQuantize(Pass):
                 in_axis = weight_input_axis(node, reader, index)
                 dequantized, detail = quantize_weight_blocks(graph, reader.inputs[index], axis, in_axis,
                                                              plan.weight_scale, plan.grid, self.wbits,
-                                                             prefix=f"{node.name}_weight", guard=float_input)
+                                                             prefix=f"{node.name}_weight", guard=float_input,
+                                                             storage=self.weight_dtype)
             reader.inputs[index] = dequantized
             details.append({**detail, "node": node.name})
         ordered = sorted(((i, p) for i, p in plan.act_params.items() if p is not None),

@@ -111,6 +111,7 @@ def quantize_weight_blocks(
     bits: int,
     prefix: str,
     guard: bool = False,
+    storage: str = "int8",
 ) -> tuple[gs.Variable, dict]:
     """``DequantizeLinear`` of ``weight`` quantized with one symmetric ``bits``-bit step per block of ``grid``.
 
@@ -119,9 +120,11 @@ def quantize_weight_blocks(
     per-channel ``DequantizeLinear`` on ``out_axis`` whose scales repeat each output block's step (opset 13);
     more are an opset-21 blocked ``DequantizeLinear`` on ``in_axis`` with ``block_size = grid.channel_block``
     and those steps repeated along every other axis. Values are int8 with zero point 0, rounded half to even
-    and clipped to ``-2**(bits-1) .. 2**(bits-1)-1``. A blocked form, and any form when ``guard`` (the GEMM's
-    activation is not a QDQ pair), goes through :func:`_fusion_guard`. Returns the dequantized tensor and a
-    report entry.
+    and clipped to ``-2**(bits-1) .. 2**(bits-1)-1``. ``storage="int4"`` (``bits <= 4``) names the levels
+    ``PREFIX_int4`` and omits the zero point: the caller re-stores that initializer as ONNX ``INT4`` after export
+    (:func:`onnxsmith.passes.graph_utils.store_as_int4`; the report entry's ``int4_initializer``). A blocked
+    form, and any form when ``guard`` (the GEMM's activation is not a QDQ pair), goes through
+    :func:`_fusion_guard`. Returns the dequantized tensor and a report entry.
     """
     values = weight.values.astype(np.float32)
     channels = values.shape[in_axis]
@@ -146,19 +149,24 @@ def quantize_weight_blocks(
         scale = np.broadcast_to(np.take(full, np.arange(0, channels, grid.channel_block), axis=in_axis),
                                 blocked_shape).copy()
         attrs = {"axis": in_axis, "block_size": grid.channel_block}
-    q_const = gs.Constant(f"{prefix}_int8", levels)
+    q_const = gs.Constant(f"{prefix}_{storage}", levels)
     scale_const = gs.Constant(f"{prefix}_scale", np.ascontiguousarray(scale, dtype=np.float32))
-    zp_const = gs.Constant(f"{prefix}_zero_point", np.zeros(np.shape(scale), dtype=np.int8))
+    inputs = [q_const, scale_const]
+    if storage == "int8":
+        inputs.append(gs.Constant(f"{prefix}_zero_point", np.zeros(np.shape(scale), dtype=np.int8)))
     output = gs.Variable(f"{prefix}_dequantized", dtype=weight.values.dtype, shape=list(values.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear", attrs=attrs,
-                               inputs=[q_const, scale_const, zp_const], outputs=[output]))
+                               inputs=inputs, outputs=[output]))
     if guard or "block_size" in attrs:
         output = _fusion_guard(graph, output, prefix)
     sqnr = sqnr_db(float(np.sum(values.astype(np.float64) ** 2)), float(np.sum((values - restored) ** 2.0)))
-    return output, {"tensor": weight.name, "kind": "weight", "dtype": "int8" if bits == 8 else f"int{bits} (in int8)",
-                    "grid": f"{block_scales.shape[1]}x{block_scales.shape[0]}", "scales": grid.scales,
-                    "form": "blocked" if "block_size" in attrs else "per-channel" if attrs else "per-tensor",
-                    "sqnr_db": sqnr}
+    dtype = "int4" if storage == "int4" else "int8" if bits == 8 else f"int{bits} (in int8)"
+    detail = {"tensor": weight.name, "kind": "weight", "dtype": dtype,
+              "grid": f"{block_scales.shape[1]}x{block_scales.shape[0]}", "scales": grid.scales,
+              "form": "blocked" if "block_size" in attrs else "per-channel" if attrs else "per-tensor", "sqnr_db": sqnr}
+    if storage == "int4":
+        detail["int4_initializer"] = q_const.name
+    return output, detail
 
 
 def _fusion_guard(graph: gs.Graph, tensor: gs.Variable, prefix: str) -> gs.Variable:
