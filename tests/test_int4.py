@@ -10,6 +10,7 @@ from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.awq import search_awq
 from onnxsmith.calibration.int4 import (
     dequantize_blocks,
+    gptq_quantize,
     int4_initializer,
     mse_scales,
     output_error,
@@ -231,5 +232,22 @@ def test_awq_and_learned_steps_lower_the_output_error():
     assert record.changes["awq_groups_folded"] >= 1
     assert error(awq) < error(rtn)
     weights = [d for d in learned_record.details if d["kind"] == "weight"]
-    assert all(d["output_error"] <= d["learned_from"] for d in weights)
-    assert any(d["output_error"] < d["learned_from"] for d in weights)
+    assert all(d["learned_to"] <= d["learned_from"] for d in weights)
+    assert any(d["learned_to"] < 0.99 * d["learned_from"] for d in weights)
+
+
+def test_gptq_rounding_beats_nearest_on_correlated_inputs():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1024, 128)).astype(np.float32)
+    x = x @ (np.eye(128) + rng.standard_normal((128, 128)) / 3).astype(np.float32)
+    gram = x.T @ x / len(x)
+    w = rng.standard_normal((128, 48)).astype(np.float32)
+    steps = mse_scales(w, 32, np.diag(gram))
+    nearest = output_error(gram, w - dequantize_blocks(quantize_blocks(w, steps, 32), steps, 32))
+    levels, gptq_steps = gptq_quantize(w, gram, 32)
+    assert levels.dtype == np.int8 and levels.min() >= -8 and levels.max() <= 7
+    assert output_error(gram, w - dequantize_blocks(levels, gptq_steps, 32)) < 0.9 * nearest
+    fixed, same_steps = gptq_quantize(w, gram, 32, steps=steps)
+    np.testing.assert_array_equal(same_steps, steps)
+    with pytest.raises(ValueError, match="learn_steps"):
+        Int4Weight(rounding="gptq", learn_steps=5)

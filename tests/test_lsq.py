@@ -158,3 +158,21 @@ def test_ptq_qdq_block_size_falls_back_to_per_channel_where_it_does_not_divide()
 def test_int4_storage_needs_at_most_four_bits():
     with pytest.raises(ValueError, match="wbits <= 4"):
         PtqQuantize(wbits=8, weight_dtype="int4")
+
+
+def test_ptq_qdq_gptq_rounding_lowers_the_output_error():
+    model = mlp()
+    rng = np.random.default_rng(5)
+    mixing = rng.standard_normal((64, 64)).astype(np.float32) / 4 + np.eye(64, dtype=np.float32)
+    feeds = [{"x": rng.standard_normal((64, 64)).astype(np.float32) @ mixing} for _ in range(4)]
+    nearest, _ = run_ptq(model, feeds, abits=8, weight_dtype="int4")
+    gptq, record = run_ptq(model, feeds, abits=8, weight_dtype="int4", rounding="gptq")
+    reference = [run_session(create_session(model), f)["y"] for f in feeds]
+
+    def error(candidate):
+        session = create_session(candidate)
+        return sum(float(np.sum((run_session(session, f)["y"] - r) ** 2)) for f, r in zip(feeds, reference))
+
+    assert error(gptq) < error(nearest)
+    weights = [d for d in record.details if d["kind"] == "weight"]
+    assert [d["rounding"] for d in weights] == ["gptq", "gptq"] and all(np.isfinite(d["sqnr_db"]) for d in weights)

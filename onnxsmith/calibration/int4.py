@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from numpy.typing import ArrayLike
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -131,3 +132,50 @@ def output_error(gram: np.ndarray, delta: np.ndarray) -> float:
     """``sum_t ||x_t @ delta||**2 / T`` from the input Gram matrix ``gram = X^T X / T [K, K]``: the mean squared
     output error a weight error ``delta [K, N]`` causes on the calibration tokens."""
     return float(np.einsum("kn,kn->", gram @ delta, delta))
+
+
+def gptq_quantize(w: ArrayLike, gram: ArrayLike, block: int, mse: bool = True, damp: float = 0.01,
+                  steps: ArrayLike | None = None, levels: tuple[int, int] = (INT4_MIN, INT4_MAX),
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding (Frantar et al.): quantize ``W [K, N]`` one input channel at a time, in order, spreading each
+    channel's rounding error over the channels not yet quantized through the inverse of the Gram matrix
+    ``G = X^T X / T`` (the layer's output-error Hessian), so the output error, not the weight error, is what the
+    rounding minimises. Each block's step is chosen when its first channel is reached, from the updated weights
+    of the block (MSE-clipped with ``diag(G)`` as channel weights, or round-to-nearest), unless ``steps``
+    ``[K / block, N]`` fixes them; ``levels`` (default INT4's) bound the integers. ``damp`` adds
+    ``damp * mean(diag G)`` to the diagonal; channels that never fire (zero diagonal) are left to the others.
+    Returns int8 levels ``[K, N]`` and float32 steps ``[K / block, N]``.
+    """
+    weight = torch.from_numpy(np.array(w, dtype=np.float32))
+    k, n = weight.shape
+    if steps is None:
+        check_block(k, block)
+    elif k % block:
+        raise ValueError(f"block {block} does not divide K = {k}")
+    h = torch.from_numpy(np.array(gram, dtype=np.float64))
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    weight[dead, :] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    channel_weights = torch.diag(h).to(torch.float32).numpy()
+    low, high = levels
+    levels_out = torch.zeros((k, n), dtype=torch.float32)
+    fixed = steps is not None
+    steps = np.array(steps, dtype=np.float32) if fixed else np.zeros((k // block, n), dtype=np.float32)
+    for start in range(0, k, block):
+        if not fixed:
+            group = weight[start:start + block].numpy()
+            steps[start // block] = (mse_scales(group, block, channel_weights[start:start + block]) if mse
+                                     else rtn_scales(group, block))[0]
+        step = torch.from_numpy(steps[start // block])
+        errors = torch.zeros((block, n), dtype=torch.float32)
+        for offset in range(block):
+            row = start + offset
+            q = torch.clamp(torch.round(weight[row] / step), low, high)
+            levels_out[row] = q
+            error = (weight[row] - q * step) / h_inv[row, row]
+            weight[row + 1:start + block] -= torch.outer(h_inv[row, row + 1:start + block], error)
+            errors[offset] = error
+        weight[start + block:] -= h_inv[start:start + block, start + block:].T @ errors
+    return levels_out.numpy().astype(np.int8), steps

@@ -21,6 +21,11 @@ input (:mod:`onnxsmith.passes.channel_scaling`; a group whose producer cannot ab
 the details), then the MSE step. ``learn_steps > 0`` then trains the steps of every layer with LSQ to minimise
 its output error on the calibration tokens (:func:`onnxsmith.calibration.lsq.train_weight_steps`).
 
+Rounding (``rounding``): ``"nearest"``, or ``"gptq"``: GPTQ's error-compensating rounding through the inverse
+Gram matrix of the layer's input (:func:`onnxsmith.calibration.int4.gptq_quantize`; each block's step chosen by
+``method`` on the updated weights: round-to-nearest for ``"rtn"``, MSE-clipped otherwise). GPTQ fixes the levels,
+so it does not combine with ``learn_steps``.
+
 A block size that does not divide a layer's K: ``indivisible="fallback"`` uses the largest smaller allowed size
 that does (TensorRT target: 64 or 128 only) and reports it, else skips the layer with the reason;
 ``"error"`` refuses the model naming the layer; ``"skip"`` keeps the layer float.
@@ -42,6 +47,7 @@ from onnxsmith.calibration.int4 import (
     BLOCK_SIZES,
     TENSORRT_BLOCK_SIZES,
     dequantize_blocks,
+    gptq_quantize,
     output_error,
     pack_int4,
     quantize_blocks,
@@ -59,6 +65,7 @@ from onnxsmith.passes.qdq_nodes import FLOAT_TYPES
 METHODS = ("rtn", "mse", "awq")
 TARGETS = ("tensorrt", "onnxruntime")
 INDIVISIBLE = ("fallback", "error", "skip")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Int4Weight(Pass):
         method: str = "mse",
         target: str = "tensorrt",
         indivisible: str = "fallback",
+        rounding: str = "nearest",
         awq_grid: int = 20,
         learn_steps: int = 0,
         learn_lr: float = 5e-3,
@@ -109,18 +117,21 @@ class Int4Weight(Pass):
             raise ValueError(f"TensorRT's INT4 DequantizeLinear takes block sizes {list(TENSORRT_BLOCK_SIZES)}, "
                              f"got {block_size} (use target 'onnxruntime' for other sizes)")
         for label, value, allowed in (("method", method, METHODS), ("target", target, TARGETS),
-                                      ("indivisible", indivisible, INDIVISIBLE)):
+                                      ("indivisible", indivisible, INDIVISIBLE), ("rounding", rounding, ROUNDINGS)):
             if value not in allowed:
                 raise ValueError(f"{label} must be one of {list(allowed)}, got {value!r}")
         if awq_grid < 1 or learn_steps < 0 or learn_lr <= 0 or accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"need awq_grid >= 1, learn_steps >= 0, learn_lr > 0, accuracy_level in 0..4; got "
                              f"{awq_grid}, {learn_steps}, {learn_lr}, {accuracy_level}")
+        if rounding == "gptq" and learn_steps:
+            raise ValueError("rounding 'gptq' fixes the levels; it does not combine with learn_steps")
         self.block_size, self.method, self.target, self.indivisible = block_size, method, target, indivisible
+        self.rounding = rounding
         self.awq_grid, self.learn_steps, self.learn_lr = awq_grid, learn_steps, learn_lr
         self.scale_gradient, self.accuracy_level = scale_gradient, accuracy_level
         self.exclude_nodes = set(exclude_nodes)
         self.exclude_regex = [re.compile(p) for p in exclude_regex]
-        self.needs_calibration = method != "rtn" or learn_steps > 0
+        self.needs_calibration = method != "rtn" or learn_steps > 0 or rounding == "gptq"
         self.min_opset = 21 if target == "tensorrt" else None
 
     # ------------------------------------------------------------------ layers
@@ -202,8 +213,8 @@ class Int4Weight(Pass):
                    disable=None if context.progress else True)
         for layer in bar:
             gram = grams.get(layer.input.name)
-            steps = self._steps(layer, gram, details[layer.node.name])
-            details[layer.node.name].update(self._emit(graph, layer, steps, int4_names))
+            levels, steps = self._levels(layer, gram, details[layer.node.name])
+            details[layer.node.name].update(self._emit(graph, layer, levels, steps, int4_names))
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         result = export_graph(graph, model) if layers else model
         if layers:
@@ -211,7 +222,8 @@ class Int4Weight(Pass):
             if self.target == "onnxruntime" and not any(o.domain == "com.microsoft" for o in result.opset_import):
                 result.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         changes = {"layers_quantized": len(layers), "layers_skipped": len(skipped), "block_size": self.block_size,
-                   "method": self.method, "target": self.target, "learn_steps": self.learn_steps}
+                   "method": self.method, "rounding": self.rounding, "target": self.target,
+                   "learn_steps": self.learn_steps}
         if self.method == "awq":
             changes["awq_groups_folded"] = folded
         records = list(details.values()) + [{"node": n, "kind": "skipped", "reason": r} for n, r in skipped.items()]
@@ -250,27 +262,28 @@ class Int4Weight(Pass):
             folded += 1
         return folded
 
-    def _steps(self, layer: Int4Layer, gram: np.ndarray | None, detail: dict) -> np.ndarray:
+    def _levels(self, layer: Int4Layer, gram: np.ndarray | None, detail: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's INT4 levels ``[K, N]`` and steps; ``detail`` gets the relative output error."""
         w = layer.w
-        if self.method == "rtn":
-            steps = rtn_scales(w, layer.block)
+        if self.rounding == "gptq":
+            levels, steps = gptq_quantize(w, gram, layer.block, mse=self.method != "rtn")
         else:
-            steps = mse_scales(w, layer.block, channel_weights=np.diag(gram))
+            steps = rtn_scales(w, layer.block) if self.method == "rtn" else \
+                mse_scales(w, layer.block, channel_weights=np.diag(gram))
+            if self.learn_steps:
+                result = train_weight_steps(w, gram, steps, block_expander(layer.block, 1, *w.shape), 4,
+                                            self.learn_steps, self.learn_lr, self.scale_gradient)
+                steps = result.weight_steps
+                detail.update(learned_from=result.loss_before, learned_to=result.loss_after)
+            levels = quantize_blocks(w, steps, layer.block)
         if gram is not None:
-            reference = output_error(gram, w) or 1.0
-            detail["output_error"] = output_error(gram, w - dequantize_blocks(
-                quantize_blocks(w, steps, layer.block), steps, layer.block)) / reference
-        if self.learn_steps:
-            result = train_weight_steps(w, gram, steps, block_expander(layer.block, 1, *w.shape), 4,
-                                        self.learn_steps, self.learn_lr, self.scale_gradient)
-            steps = result.weight_steps
-            detail["output_error"] = result.loss_after
-            detail["learned_from"] = result.loss_before
-        return steps
+            detail["output_error"] = output_error(gram, w - dequantize_blocks(levels, steps, layer.block)) / (
+                output_error(gram, w) or 1.0)
+        return levels, steps
 
-    def _emit(self, graph: gs.Graph, layer: Int4Layer, steps: np.ndarray, int4_names: set[str]) -> dict:
+    def _emit(self, graph: gs.Graph, layer: Int4Layer, levels: np.ndarray, steps: np.ndarray,
+              int4_names: set[str]) -> dict:
         w = layer.w
-        levels = quantize_blocks(w, steps, layer.block)
         restored = dequantize_blocks(levels, steps, layer.block)
         detail = {"sqnr_db": sqnr_db(float(np.sum(w.astype(np.float64) ** 2)), float(np.sum((w - restored) ** 2))),
                   "form": "DequantizeLinear INT4" if self.target == "tensorrt" else "MatMulNBits"}

@@ -34,7 +34,9 @@ Learned steps (:mod:`onnxsmith.calibration.lsq`): ``learn_steps > 0`` then train
 steps and its uniform per-tensor activation step with LSQ (``scale_gradient``, ``learn_lr``) to reproduce the
 float layer's output on ``learn_rows`` calibration rows drawn at random (fixed seed; layer-wise distillation),
 starting from the searched steps; the best steps seen are kept, so a layer's reconstruction error never rises.
-Twin-uniform and grouped activations keep their searched steps.
+Twin-uniform and grouped activations keep their searched steps. ``rounding="gptq"`` then rounds the weights of
+MatMul / Gemm layers with a per-output-channel grid by GPTQ with those steps fixed (error compensation through
+the inverse Gram matrix of the layer's float input rows; :func:`onnxsmith.calibration.int4.gptq_quantize`).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ import torch.nn.functional as F
 
 from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
 from onnxsmith.calibration.gradients import LOSSES
+from onnxsmith.calibration.int4 import dequantize_blocks, gptq_quantize
 from onnxsmith.calibration.lsq import SCALE_GRADIENTS, block_expander, train_layer
-from onnxsmith.calibration.metrics import METRICS
+from onnxsmith.calibration.metrics import METRICS, sqnr_db
 from onnxsmith.calibration.observers import Observer, SampleObserver
 from onnxsmith.calibration.scale_search import (
     ActQuantizer,
@@ -107,6 +110,8 @@ class LayerPlan:
     act_grid: BlockGrid | None = None
     learned: tuple[float, float] | None = None
     """Relative reconstruction loss before / after learning the steps (None: not learned)."""
+    rounded: np.ndarray | None = None
+    """GPTQ-rounded weight ``[K, N]`` (levels times steps) to emit instead of rounding to nearest."""
 
 
 class PtqQuantize(Pass):
@@ -141,6 +146,7 @@ class PtqQuantize(Pass):
         learn_lr: float = 5e-3,
         learn_rows: int = 1024,
         scale_gradient: str = "lsq",
+        rounding: str = "nearest",
         activation_matmuls: bool = True,
         exclude_nodes: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
@@ -179,6 +185,9 @@ class PtqQuantize(Pass):
         self.block_size, self.weight_dtype = block_size, weight_dtype
         self.learn_steps, self.learn_lr, self.scale_gradient = learn_steps, learn_lr, scale_gradient
         self.learn_rows = learn_rows
+        if rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
+        self.rounding = rounding
         blocked = block_size is not None or self.grid_spec.in_blocks != 1
         self.min_opset = 21 if blocked else 13  # blocked DequantizeLinear is opset 21
         self.placer = QuantizeInt8(activation_matmuls=activation_matmuls and not weight_only,
@@ -270,6 +279,7 @@ class PtqQuantize(Pass):
         reader, weight_index, _ = layer.weight
         unit = int(np.prod(reader.inputs[weight_index].values.shape[2:])) if layer.node.op == "Conv" else 1
         grid = self._grid(w.shape, unit)
+        gram = x.T.astype(np.float64) @ x / len(x) if self.rounding == "gptq" else None
         act_grid = None
         if self.act_groups > 1 and isinstance(quantizers[index], UniformActQuantizer):
             act_grid = GridSpec(1, self.act_groups).grid(w.shape[0], 1, unit=unit)
@@ -278,14 +288,19 @@ class PtqQuantize(Pass):
         plan = LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value,
                          grid, act_grid)
         if self.learn_steps and act_grid is None and not isinstance(quantizers[index], TwinActQuantizer):
-            if len(x) > self.learn_rows:
-                x = x[np.random.default_rng(0).choice(len(x), self.learn_rows, replace=False)]
-            learned = train_layer(x, w, plan.weight_scale, block_expander(grid.row_block, grid.col_block, *w.shape),
+            rows = x if len(x) <= self.learn_rows else \
+                x[np.random.default_rng(0).choice(len(x), self.learn_rows, replace=False)]
+            learned = train_layer(rows, w, plan.weight_scale, block_expander(grid.row_block, grid.col_block, *w.shape),
                                   self.wbits, plan.act_params[index], self.abits, self.learn_steps, self.learn_lr,
                                   self.scale_gradient)
             plan.weight_scale, plan.learned = learned.weight_steps, (learned.loss_before, learned.loss_after)
             if learned.act_step is not None:
                 plan.act_params[index] = float(np.float32(learned.act_step))
+        if self.rounding == "gptq" and grid.col_block == 1 and layer.weight[0] is layer.node \
+                and layer.node.op in ("MatMul", "Gemm"):
+            half = 2 ** (self.wbits - 1)
+            levels, steps = gptq_quantize(w, gram, grid.row_block, steps=plan.weight_scale, levels=(-half, half - 1))
+            plan.rounded = dequantize_blocks(levels, steps, grid.row_block)
         return plan
 
     def _grid(self, shape: tuple[int, int], unit: int) -> BlockGrid:
@@ -323,10 +338,19 @@ class PtqQuantize(Pass):
             else:
                 float_input = self.weight_only or plan.act_grid is not None
                 in_axis = weight_input_axis(node, reader, index)
-                dequantized, detail = quantize_weight_blocks(graph, reader.inputs[index], axis, in_axis,
+                weight = reader.inputs[index]
+                if plan.rounded is not None:  # the GPTQ levels re-quantize to themselves
+                    original = weight.values
+                    weight = gs.Constant(weight.name, np.ascontiguousarray(
+                        plan.rounded.T if in_axis == 1 else plan.rounded).astype(original.dtype))
+                dequantized, detail = quantize_weight_blocks(graph, weight, axis, in_axis,
                                                              plan.weight_scale, plan.grid, self.wbits,
                                                              prefix=f"{node.name}_weight", guard=float_input,
                                                              storage=self.weight_dtype)
+                if plan.rounded is not None:
+                    error = float(np.sum((original.astype(np.float32) - weight.values) ** 2.0))
+                    detail.update(rounding="gptq", sqnr_db=sqnr_db(float(np.sum(original.astype(np.float64) ** 2)),
+                                                                   error))
             reader.inputs[index] = dequantized
             details.append({**detail, "node": node.name})
         ordered = sorted(((i, p) for i, p in plan.act_params.items() if p is not None),
