@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"INT4 weight block along K, one of {list(BLOCK_SIZES)} (TensorRT: 64 or 128)")
     int4.add_argument("--target", choices=["tensorrt", "onnxruntime"],
                       help="INT4 weight-only form: DequantizeLinear INT4 (TensorRT) or MatMulNBits (onnxruntime)")
-    int4.add_argument("--int4-method", dest="method", choices=["rtn", "mse", "awq"],
-                      help="INT4 weight steps: round-to-nearest, MSE-clipped, or AWQ scaling + MSE")
+    int4.add_argument("--int4-method", dest="method", choices=["rtn", "mse"],
+                      help="INT4 weight steps: round-to-nearest or MSE-clipped (int4-awq / int4-gptq add AWQ scaling)")
     int4.add_argument("--learn-steps", type=_non_negative_int, metavar="N",
                       help="LSQ training steps per layer (0: no learning)")
     int4.add_argument("--scale-gradient", choices=list(SCALE_GRADIENTS),

@@ -1,6 +1,7 @@
 """Graph rewrites, one module per pass, and the name -> class table recipes refer to."""
 
 from onnxsmith.optimizer.pass_base import Pass
+from onnxsmith.passes.awq_scale import AwqScale
 from onnxsmith.passes.constant_folding import ConstantFolding
 from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
 from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
@@ -27,6 +28,7 @@ PASSES: dict[str, type[Pass]] = {
         UpgradeOpset,
         QuantizeInt8,
         PtqQuantize,
+        AwqScale,
         Int4Weight,
         ShuffleNM,
         PruneNM,

@@ -15,16 +15,15 @@ Forms (``target``):
   the scales and ``beta * C`` into an ``Add``.
 
 Steps (``method``): ``"rtn"`` ``max|block| / 7``; ``"mse"`` the clipped step minimising the block's error
-weighted by the input channels' mean squares (calibration); ``"awq"`` AWQ-style per-input-channel factors
-searched per group of layers sharing an input (:mod:`onnxsmith.calibration.awq`), folded into the op producing the
-input (:mod:`onnxsmith.passes.channel_scaling`; a group whose producer cannot absorb them keeps factor 1, said in
-the details), then the MSE step. ``learn_steps > 0`` then trains the steps of every layer with LSQ to minimise
-its output error on the calibration tokens (:func:`onnxsmith.calibration.lsq.train_weight_steps`).
+weighted by the input channels' mean squares (calibration). AWQ-style scaling is the lossless ``awq-scale``
+pass run before this one (recipes ``int4-awq``, ``int4-gptq``). ``learn_steps > 0`` then trains the steps of
+every layer with LSQ to minimise its output error on the calibration tokens (:func:`onnxsmith.calibration.lsq.train_weight_steps`).
 
 Rounding (``rounding``): ``"nearest"``, or ``"gptq"``: GPTQ's error-compensating rounding through the inverse
 Gram matrix of the layer's input (:func:`onnxsmith.calibration.int4.gptq_quantize`; each block's step chosen by
-``method`` on the updated weights: round-to-nearest for ``"rtn"``, MSE-clipped otherwise). GPTQ fixes the levels,
-so it does not combine with ``learn_steps``.
+``method`` on the updated weights: round-to-nearest for ``"rtn"``, MSE-clipped otherwise; with ``act_order`` the
+channels go by decreasing activation energy and the steps are chosen beforehand). GPTQ fixes the levels, so it
+does not combine with ``learn_steps``.
 
 A block size that does not divide a layer's K: ``indivisible="fallback"`` uses the largest smaller allowed size
 that does (TensorRT target: 64 or 128 only) and reports it, else skips the layer with the reason;
@@ -42,7 +41,6 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from onnxsmith.calibration.awq import search_awq
 from onnxsmith.calibration.int4 import (
     BLOCK_SIZES,
     TENSORRT_BLOCK_SIZES,
@@ -58,11 +56,10 @@ from onnxsmith.calibration.lsq import block_expander, train_weight_steps
 from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.calibration.observers import GramObserver, Observer
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxsmith.passes.channel_scaling import plan_input_scaling
 from onnxsmith.passes.graph_utils import export_graph, import_graph, store_as_int4
 from onnxsmith.passes.qdq_nodes import FLOAT_TYPES
 
-METHODS = ("rtn", "mse", "awq")
+METHODS = ("rtn", "mse")
 TARGETS = ("tensorrt", "onnxruntime")
 INDIVISIBLE = ("fallback", "error", "skip")
 ROUNDINGS = ("nearest", "gptq")
@@ -93,7 +90,7 @@ class Int4Weight(Pass):
     """Blocked symmetric INT4 weight-only quantization; see the module docstring."""
 
     name = "int4-weight"
-    description = "blocked INT4 weight-only (DequantizeLinear INT4 or MatMulNBits), RTN / MSE / AWQ steps, LSQ option"
+    description = "blocked INT4 weight-only (DequantizeLinear INT4 or MatMulNBits), RTN / MSE steps, GPTQ or LSQ option"
     lossless = False
 
     def __init__(
@@ -103,7 +100,7 @@ class Int4Weight(Pass):
         target: str = "tensorrt",
         indivisible: str = "fallback",
         rounding: str = "nearest",
-        awq_grid: int = 20,
+        act_order: bool = False,
         learn_steps: int = 0,
         learn_lr: float = 5e-3,
         scale_gradient: str = "lsq",
@@ -120,14 +117,14 @@ class Int4Weight(Pass):
                                       ("indivisible", indivisible, INDIVISIBLE), ("rounding", rounding, ROUNDINGS)):
             if value not in allowed:
                 raise ValueError(f"{label} must be one of {list(allowed)}, got {value!r}")
-        if awq_grid < 1 or learn_steps < 0 or learn_lr <= 0 or accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"need awq_grid >= 1, learn_steps >= 0, learn_lr > 0, accuracy_level in 0..4; got "
-                             f"{awq_grid}, {learn_steps}, {learn_lr}, {accuracy_level}")
+        if learn_steps < 0 or learn_lr <= 0 or accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"need learn_steps >= 0, learn_lr > 0, accuracy_level in 0..4; got "
+                             f"{learn_steps}, {learn_lr}, {accuracy_level}")
         if rounding == "gptq" and learn_steps:
             raise ValueError("rounding 'gptq' fixes the levels; it does not combine with learn_steps")
         self.block_size, self.method, self.target, self.indivisible = block_size, method, target, indivisible
-        self.rounding = rounding
-        self.awq_grid, self.learn_steps, self.learn_lr = awq_grid, learn_steps, learn_lr
+        self.rounding, self.act_order = rounding, act_order
+        self.learn_steps, self.learn_lr = learn_steps, learn_lr
         self.scale_gradient, self.accuracy_level = scale_gradient, accuracy_level
         self.exclude_nodes = set(exclude_nodes)
         self.exclude_regex = [re.compile(p) for p in exclude_regex]
@@ -207,7 +204,6 @@ class Int4Weight(Pass):
         details: dict[str, dict] = {layer.node.name: {"node": layer.node.name, "kind": "weight", "dtype": "int4",
                                                       "block": layer.block, "method": self.method,
                                                       "notes": list(layer.notes)} for layer in layers}
-        folded = self._apply_awq(graph, layers, grams, details) if self.method == "awq" else 0
         int4_names: set[str] = set()
         bar = tqdm(layers, desc="int4 weights", unit="layer", leave=False,
                    disable=None if context.progress else True)
@@ -224,49 +220,14 @@ class Int4Weight(Pass):
         changes = {"layers_quantized": len(layers), "layers_skipped": len(skipped), "block_size": self.block_size,
                    "method": self.method, "rounding": self.rounding, "target": self.target,
                    "learn_steps": self.learn_steps}
-        if self.method == "awq":
-            changes["awq_groups_folded"] = folded
         records = list(details.values()) + [{"node": n, "kind": "skipped", "reason": r} for n, r in skipped.items()]
         return PassResult(result, bool(layers), changes, records)
-
-    def _apply_awq(self, graph: gs.Graph, layers: list[Int4Layer], grams: dict[str, np.ndarray],
-                   details: dict[str, dict]) -> int:
-        """Search and fold the AWQ factors of every group of layers sharing an input, last group first (a
-        group's factors may land in an earlier layer's weight columns, which that layer's own search then
-        sees); scales each group's weights and Gram matrix in place. Returns the number of groups folded."""
-        groups: dict[str, list[Int4Layer]] = {}
-        for layer in layers:
-            groups.setdefault(layer.input.name, []).append(layer)
-        folded = 0
-        for name, members in reversed(list(groups.items())):
-            readers = {layer.node.name for layer in members}
-            k = members[0].w.shape[0]
-            plan = plan_input_scaling(members[0].input, readers, k)
-            blocks = {layer.block for layer in members}
-            if plan is None or len(blocks) != 1:
-                for layer in members:
-                    details[layer.node.name]["awq"] = "not folded: no producer absorbs a per-channel scaling"
-                continue
-            choice = search_awq(grams[name], [layer.w for layer in members], blocks.pop(), self.awq_grid)
-            if choice.alpha == 0:
-                for layer in members:
-                    details[layer.node.name]["awq"] = "alpha 0 (round-to-nearest was best)"
-                continue
-            plan.apply(choice.factors)
-            for layer in members:
-                _scale_rows(layer, choice.factors)
-                details[layer.node.name].update(awq=f"alpha {choice.alpha:g}, folded into {', '.join(plan.where)}",
-                                                awq_error_ratio=choice.error / choice.rtn_error
-                                                if choice.rtn_error else None)
-            grams[name] = grams[name] / np.outer(choice.factors, choice.factors)
-            folded += 1
-        return folded
 
     def _levels(self, layer: Int4Layer, gram: np.ndarray | None, detail: dict) -> tuple[np.ndarray, np.ndarray]:
         """The layer's INT4 levels ``[K, N]`` and steps; ``detail`` gets the relative output error."""
         w = layer.w
         if self.rounding == "gptq":
-            levels, steps = gptq_quantize(w, gram, layer.block, mse=self.method != "rtn")
+            levels, steps = gptq_quantize(w, gram, layer.block, mse=self.method != "rtn", act_order=self.act_order)
         else:
             steps = rtn_scales(w, layer.block) if self.method == "rtn" else \
                 mse_scales(w, layer.block, channel_weights=np.diag(gram))
@@ -333,9 +294,3 @@ class Int4Weight(Pass):
         node.outputs.clear()
         node.inputs.clear()
 
-
-def _scale_rows(layer: Int4Layer, factors: np.ndarray) -> None:
-    """Multiply the layer's input-channel rows (GEMM form) by ``factors`` in place."""
-    values = layer.weight.values
-    shape = (1, -1) if layer.transposed else (-1, 1)
-    layer.weight.values = (values * factors.reshape(shape)).astype(values.dtype)

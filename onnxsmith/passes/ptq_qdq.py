@@ -144,7 +144,7 @@ class PtqQuantize(Pass):
         weight_dtype: str = "int8",
         learn_steps: int = 0,
         learn_lr: float = 5e-3,
-        learn_rows: int = 1024,
+        learn_rows: int = 512,
         scale_gradient: str = "lsq",
         rounding: str = "nearest",
         activation_matmuls: bool = True,
