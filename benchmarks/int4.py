@@ -39,9 +39,9 @@ directory), and is scored against the FP32 outputs on the same evaluation set:
 - ``minilm``: calibration ``calibration_feeds(--calib)`` sentences, evaluation all 100 sentences; figures mean
   (main, higher is better) and min embedding cosine vs FP32. Rows (block 32 from the recipes; ``--blocks`` does
   not apply): ``w4a16-rtn`` (context: recipe ``int4-wo``, ``method="rtn"``, block 32, ``MatMulNBits``: the weight
-  error alone), ``w4a8`` (recipe ``w4a8``: INT4 weights block 32, INT8 activations, RTN + min/max, no learning),
-  ``w4a8-learned`` (``w4a8`` with ``learn_steps=--learn-steps``), ``w4a8-gptq`` (the same, then GPTQ rounding
-  with the learned steps), ``w4a4`` (recipe ``w4a4-kd`` with ``learn_steps=0``: RTN + min/max at 4-bit
+  error alone), ``w4a16-gptq`` (context: the same with GPTQ rounding and MSE steps), ``w4a8`` (recipe ``w4a8``: INT4 weights block 32, INT8 activations, RTN + min/max, no learning),
+  ``w4a8-learned`` (``w4a8`` with ``learn_steps=--learn-steps``), ``w4a8-gptq`` (``w4a8`` with GPTQ rounding
+  with MSE-clipped steps, no learning), ``w4a4`` (recipe ``w4a4-kd`` with ``learn_steps=0``: RTN + min/max at 4-bit
   activations), ``w4a4-learned`` (``w4a4-kd`` as it is: learned) and ``w4a4-gptq`` (plus GPTQ rounding).
 
 Per row: status (``ok``, ``error`` with the exception's first line, or ``skipped`` with the reason; a failing
@@ -164,11 +164,12 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("int4-gptq", "smollm2", "onnxsmith int4-gptq (AWQ folded + GPTQ rounding, MSE steps)", "int4-gptq"),
     Method("w4a16-rtn", "minilm", "onnxsmith int4-wo rtn g32 (weights only, context)", "int4-wo",
            {"method": "rtn", "block_size": 32, "target": "onnxruntime"}),
+    Method("w4a16-gptq", "minilm", "onnxsmith int4-wo g32 + GPTQ rounding (weights only, context)", "int4-wo",
+           {"rounding": "gptq", "block_size": 32, "target": "onnxruntime"}),
     Method("w4a8", "minilm", "onnxsmith w4a8 (RTN + minmax)", "w4a8"),
     Method("w4a8-learned", "minilm", "onnxsmith w4a8 + learned steps", "w4a8", learned=True),
     Method("w4a4", "minilm", "onnxsmith w4a4-kd, learn_steps 0 (RTN + minmax)", "w4a4-kd", {"learn_steps": 0}),
-    Method("w4a8-gptq", "minilm", "onnxsmith w4a8 + learned steps + GPTQ rounding", "w4a8", {"rounding": "gptq"},
-           learned=True),
+    Method("w4a8-gptq", "minilm", "onnxsmith w4a8 + GPTQ rounding (MSE steps)", "w4a8", {"rounding": "gptq"}),
     Method("w4a4-learned", "minilm", "onnxsmith w4a4-kd (learned, recipe default)", "w4a4-kd"),
     Method("w4a4-gptq", "minilm", "onnxsmith w4a4-kd (learned) + GPTQ rounding", "w4a4-kd", {"rounding": "gptq"}),
 ]}

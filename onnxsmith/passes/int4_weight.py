@@ -17,7 +17,8 @@ Forms (``target``):
 Steps (``method``): ``"rtn"`` ``max|block| / 7``; ``"mse"`` the clipped step minimising the block's error
 weighted by the input channels' mean squares (calibration). AWQ-style scaling is the lossless ``awq-scale``
 pass run before this one (recipes ``int4-awq``, ``int4-gptq``). ``learn_steps > 0`` then trains the steps of
-every layer with LSQ to minimise its output error on the calibration tokens (:func:`onnxsmith.calibration.lsq.train_weight_steps`).
+every layer with LSQ to minimise its output error on the calibration tokens
+(:func:`onnxsmith.calibration.lsq.train_weight_steps`).
 
 Rounding (``rounding``): ``"nearest"``, or ``"gptq"``: GPTQ's error-compensating rounding through the inverse
 Gram matrix of the layer's input (:func:`onnxsmith.calibration.int4.gptq_quantize`; each block's step chosen by
@@ -48,9 +49,9 @@ from onnxsmith.calibration.int4 import (
     gptq_quantize,
     output_error,
     pack_int4,
+    mse_scales,
     quantize_blocks,
     rtn_scales,
-    mse_scales,
 )
 from onnxsmith.calibration.lsq import block_expander, train_weight_steps
 from onnxsmith.calibration.metrics import sqnr_db

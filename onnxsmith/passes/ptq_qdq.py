@@ -35,8 +35,9 @@ steps and its uniform per-tensor activation step with LSQ (``scale_gradient``, `
 float layer's output on ``learn_rows`` calibration rows drawn at random (fixed seed; layer-wise distillation),
 starting from the searched steps; the best steps seen are kept, so a layer's reconstruction error never rises.
 Twin-uniform and grouped activations keep their searched steps. ``rounding="gptq"`` then rounds the weights of
-MatMul / Gemm layers with a per-output-channel grid by GPTQ with those steps fixed (error compensation through
-the inverse Gram matrix of the layer's float input rows; :func:`onnxsmith.calibration.int4.gptq_quantize`).
+MatMul / Gemm layers with a per-output-channel grid by GPTQ (error compensation through the inverse Gram matrix of
+the layer's float input rows; :func:`onnxsmith.calibration.int4.gptq_quantize`): with learned steps, or
+``wbits != 4``, those steps fixed; else 4-bit blocks get GPTQ's own MSE-clipped steps on the updated weights.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 
 from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
 from onnxsmith.calibration.gradients import LOSSES
-from onnxsmith.calibration.int4 import dequantize_blocks, gptq_quantize
+from onnxsmith.calibration.int4 import BLOCK_SIZES, dequantize_blocks, gptq_quantize
 from onnxsmith.calibration.lsq import SCALE_GRADIENTS, block_expander, train_layer
 from onnxsmith.calibration.metrics import METRICS, sqnr_db
 from onnxsmith.calibration.observers import Observer, SampleObserver
@@ -299,8 +300,10 @@ class PtqQuantize(Pass):
         if self.rounding == "gptq" and grid.col_block == 1 and layer.weight[0] is layer.node \
                 and layer.node.op in ("MatMul", "Gemm"):
             half = 2 ** (self.wbits - 1)
-            levels, steps = gptq_quantize(w, gram, grid.row_block, steps=plan.weight_scale, levels=(-half, half - 1))
-            plan.rounded = dequantize_blocks(levels, steps, grid.row_block)
+            own_steps = self.wbits == 4 and plan.learned is None and grid.row_block in BLOCK_SIZES
+            levels, steps = gptq_quantize(w, gram, grid.row_block, steps=None if own_steps else plan.weight_scale,
+                                          levels=(-half, half - 1))
+            plan.weight_scale, plan.rounded = steps, dequantize_blocks(levels, steps, grid.row_block)
         return plan
 
     def _grid(self, shape: tuple[int, int], unit: int) -> BlockGrid:
