@@ -12,8 +12,9 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,36 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
     return "\n".join([line(headers), "|" + "|".join("-" * (width + 2) for width in widths) + "|",
                       *(line(row) for row in rows)])
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``, for an error row."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def run_models(names: Sequence[str], run: Callable[[str, Path], None], document: dict[str, Any],
+               save: Callable[[], None], prefix: str) -> None:
+    """``run(name, workdir)`` for every model name, each in a fresh temporary folder (removed after). A model
+    whose run raises is recorded under ``document["model_errors"]``, printed, and ``save()`` called; the loop
+    goes on."""
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}.{name}.") as tmp:
+            try:
+                run(name, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - a model whose data cannot be prepared must not stop the run
+                print(f"\n- {name}: error: {one_line(exc)}")
+                document.setdefault("model_errors", {})[name] = one_line(exc)
+                save()
+
+
+def finish(document: dict[str, Any], legend: str, start: float) -> None:
+    """Print the legend and the total run time since ``start`` (``time.perf_counter``), and mark ``document``
+    complete."""
+    print(f"\n- {legend}")
+    seconds = time.perf_counter() - start
+    print(f"- total run time {seconds:.0f} s")
+    document.update(total_seconds=seconds, complete=True)
 
 
 def write_json(path: Path, data: Any) -> None:

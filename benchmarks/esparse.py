@@ -73,7 +73,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -82,8 +81,8 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from _harness import cpu_session, environment, markdown_table, write_json
-from ptq4vit import ModelData, Variant, evaluation_outputs, one_line, run_variant
+from _harness import cpu_session, environment, finish, markdown_table, one_line, run_models, write_json
+from ptq4vit import ModelData, Variant, evaluation_outputs, run_variant
 from ptq4vit import MODELS as PTQ4VIT_MODELS
 from ptqsl import SMOLLM2_SPEC
 
@@ -650,21 +649,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "models": [],
         "complete": False,
     }
-    for name in args.models:
-        with tempfile.TemporaryDirectory(prefix=f"esparse.{name}.") as tmp:
-            try:
-                run_model(MODELS[name], args, document, Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - a model whose data cannot be prepared must not stop the run
-                print(f"\n- {name}: error: {one_line(exc)}")
-                document.setdefault("model_errors", {})[name] = one_line(exc)
-                write_json(args.out, as_json(document))
+    run_models(args.models, lambda name, workdir: run_model(MODELS[name], args, document, workdir), document,
+               lambda: write_json(args.out, as_json(document)), "esparse")
     if args.gpu:
         document["gpu"] = gpu_benchmark()
         print_gpu(document["gpu"])
-    print(f"\n- {LEGEND}")
-    seconds = time.perf_counter() - start
-    print(f"- total run time {seconds:.0f} s")
-    document.update(total_seconds=seconds, complete=True)
+    finish(document, LEGEND, start)
     return as_json(document)
 
 

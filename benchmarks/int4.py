@@ -85,7 +85,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -95,8 +94,19 @@ from typing import TYPE_CHECKING, Any
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat
 
-from _harness import Feed, cpu_session, environment, interleaved_latency_ms, markdown_table, paired_ratios, write_json
-from ptq4vit import ModelData, Variant, evaluation_outputs, one_line, run_variant
+from _harness import (
+    Feed,
+    cpu_session,
+    environment,
+    finish,
+    interleaved_latency_ms,
+    markdown_table,
+    one_line,
+    paired_ratios,
+    run_models,
+    write_json,
+)
+from ptq4vit import ModelData, Variant, evaluation_outputs, run_variant
 from ptq4vit import MODELS as PTQ4VIT_MODELS
 from ptqsl import SMOLLM2_SPEC
 
@@ -838,18 +848,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         print(f"warning: recipe(s) {missing} not available in this onnxsmith: their rows will be errors",
               file=sys.stderr)
-    for name in args.models:
-        with tempfile.TemporaryDirectory(prefix=f"int4.{name}.") as tmp:
-            try:
-                run_model(MODELS[name], args, document, Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - a model whose data cannot be prepared must not stop the run
-                print(f"\n- {name}: error: {one_line(exc)}")
-                document.setdefault("model_errors", {})[name] = one_line(exc)
-                write_json(args.out, as_json(document))
-    print(f"\n- {LEGEND}")
-    seconds = time.perf_counter() - start
-    print(f"- total run time {seconds:.0f} s")
-    document.update(total_seconds=seconds, complete=True)
+    run_models(args.models, lambda name, workdir: run_model(MODELS[name], args, document, workdir), document,
+               lambda: write_json(args.out, as_json(document)), "int4")
+    finish(document, LEGEND, start)
     return as_json(document)
 
 

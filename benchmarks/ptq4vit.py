@@ -64,6 +64,7 @@ from _harness import (
     environment,
     interleaved_latency_ms,
     markdown_table,
+    one_line,
     ort_static_qdq,
     paired_ratios,
     write_json,
@@ -95,12 +96,6 @@ FORM_TOLERANCE = 1e-4
 def bits_label(bits: Bits) -> str:
     """``(4, 8)`` -> ``'W4A8'``."""
     return f"W{bits[0]}A{bits[1]}"
-
-
-def one_line(exc: BaseException) -> str:
-    """``TypeName: first line of the message``, for an error row."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------

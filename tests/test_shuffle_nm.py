@@ -1,7 +1,6 @@
 """shuffle-nm and the N:M permutation search: lossless absorption (folded or Gather), kept score never lowered."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_block_steps
+from onnxsmith.calibration.blocks import GridSpec, initial_block_steps
 from onnxsmith.calibration.metrics import METRICS, metric_fn
 from onnxsmith.calibration.scale_search import blocked_fake_quantize, search_layer, uniform_fake_quantize
 from onnxsmith.calibration.twin_uniform import initial_delta
