@@ -212,3 +212,39 @@ def test_grid_options_reach_the_ptq_sl_passes(model_file, capsys):
     assert main([str(model_file), "--recipe", "ptq-sl", "--grid", "2x2", "--reorder", "kmeans", "--dry-run"]) == 0
     assert main([str(model_file), "--recipe", "cleanup", "--grid", "2x2", "--dry-run"]) == 2
     assert "no pass that takes ['weight_grid']" in capsys.readouterr().err
+
+
+@pytest.fixture
+def int4_model(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "block.onnx"
+    onnx.save(graphs.transformer_block(64, 128), path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 8, 64)).astype(np.float32))
+    return path, tmp_path / "calib.npz"
+
+
+@pytest.mark.parametrize("recipe", ["int4-wo", "int4-awq", "int4-gptq"])
+def test_int4_recipes_write_int4_dequantize_linear(int4_model, tmp_path, recipe):
+    path, calib = int4_model
+    output = tmp_path / f"{recipe}.onnx"
+    assert main([str(path), "--recipe", recipe, "--calib", str(calib), "-o", str(output), "-q"]) == 0
+    model = onnx.load(output)
+    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 6 and sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 6
+
+
+def test_int4_target_and_block_size_reach_the_pass(int4_model, tmp_path, capsys):
+    path, calib = int4_model
+    output = tmp_path / "nbits.onnx"
+    assert main([str(path), "--recipe", "int4-wo", "--calib", str(calib), "--target", "onnxruntime",
+                 "--block-size", "32", "--int4-method", "rtn", "-o", str(output), "-q"]) == 0
+    nodes = [n for n in onnx.load(output).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 6
+    assert {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {32}
+    assert main([str(path), "--recipe", "int4-wo", "--block-size", "32", "-o", str(output)]) == 2
+    assert "TensorRT's INT4 DequantizeLinear takes block sizes [64, 128]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--recipe", "int4-wo", "--block-size", "48"])
+    assert exit_info.value.code == 2

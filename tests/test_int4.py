@@ -255,3 +255,19 @@ def test_gptq_rounding_beats_nearest_on_correlated_inputs():
     np.testing.assert_array_equal(same_steps, steps)
     with pytest.raises(ValueError, match="learn_steps"):
         Int4Weight(rounding="gptq", learn_steps=5)
+
+
+def test_awq_scale_leaves_an_input_with_other_readers_unscaled():
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(np.ones(64, np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma"], ["ln"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["ln", "w"], ["h"], name="proj"),
+             helper.make_node("Add", ["ln", "h"], ["y"], name="residual")]
+    model = graphs.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], inits)
+    result = PassManager([AwqScale()]).run(model, PassContext(calibration_data=feeds_for(64), progress=False))
+    record = result.records[-1]
+    assert not record.modified and record.changes == {"groups": 1, "folded": 0}
+    assert record.details == [{"input": "ln", "layers": ["proj"], "kind": "not folded",
+                               "reason": "no producer absorbs a per-channel scaling"}]
