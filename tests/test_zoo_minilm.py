@@ -136,3 +136,32 @@ def test_esparse24_on_minilm_folds_shuffles_and_prunes_every_gemm(minilm: MiniLM
     assert shuffle.changes["folded"] == 12 and shuffle.changes["gathered"] == 24
     patterns = [row.pattern for row in inspect_sparsity(result.model)]
     assert len(patterns) == 36 and set(patterns) == {"2:4"}
+
+
+def test_int4_gptq_and_w4a8_on_minilm_write_runnable_int4_models(minilm: MiniLM, onnx_path: Path,
+                                                                  reference_outputs: list[Outputs]) -> None:
+    """The real model through int4-gptq (MatMulNBits, block 32) and w4a8 (INT4 DequantizeLinear + INT8
+    activations): every GEMM weight is 4-bit in the written form and onnxruntime runs both close to FP32."""
+    import onnx
+
+    from onnxsmith.backends.onnxruntime import create_session, run_session
+    from onnxsmith.optimizer.manager import PassManager
+    from onnxsmith.optimizer.pass_base import PassContext
+    from onnxsmith.optimizer.recipes import load_recipe
+
+    feeds = minilm.calibration_feeds(4)
+    evaluation = minilm.evaluation_feeds()[:20]
+    cases = (("int4-gptq", {"block_size": 32, "target": "onnxruntime"}, "MatMulNBits", 0.97),
+             ("w4a8", {}, "int4 weights", 0.9))
+    for recipe, options, kind, floor in cases:
+        result = PassManager(load_recipe(recipe).build(options), probe_feeds=feeds[:1]).run(
+            onnx.load(str(onnx_path)), PassContext(calibration_data=feeds, progress=False))
+        model = result.model
+        if kind == "MatMulNBits":
+            assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 36
+        else:
+            assert sum(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer) == 36
+        session = create_session(model)
+        outputs = [minilm.reduce_outputs(i, run_session(session, feed, ["sentence_embedding"]))
+                   for i, feed in enumerate(evaluation)]
+        assert minilm.score(reference_outputs[:20], outputs)["cosine_mean"] > floor

@@ -50,6 +50,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
 from onnxsmith.calibration.gradients import LOSSES
@@ -230,7 +231,9 @@ class PtqQuantize(Pass):
         layers, placement = self.layers(graph)
         details: list[dict] = []
         searched = 0
-        for layer in layers:
+        bar = tqdm(layers, desc="ptq-qdq layers", unit="layer", leave=False,
+                   disable=None if context.progress else True)
+        for layer in bar:
             quantizers = {i: self._act_quantizer(layer.node.inputs[i].name, placement.twin_layouts)
                           for i in layer.act_inputs}
             plan = self._plan(layer, quantizers, context)
