@@ -183,7 +183,8 @@ class PtqQuantize(Pass):
                              f"with wbits {wbits}")
         if learn_steps < 0 or learn_lr <= 0 or learn_rows < 1 or scale_gradient not in SCALE_GRADIENTS:
             raise ValueError(f"need learn_steps >= 0, learn_lr > 0, learn_rows >= 1, scale_gradient in "
-                             f"{list(SCALE_GRADIENTS)}; got {learn_steps}, {learn_lr}, {learn_rows}, {scale_gradient!r}")
+                             f"{list(SCALE_GRADIENTS)}; got {learn_steps}, {learn_lr}, {learn_rows}, "
+                             f"{scale_gradient!r}")
         self.block_size, self.weight_dtype = block_size, weight_dtype
         self.learn_steps, self.learn_lr, self.scale_gradient = learn_steps, learn_lr, scale_gradient
         self.learn_rows = learn_rows
@@ -247,7 +248,8 @@ class PtqQuantize(Pass):
             "wbits": self.wbits,
             "abits": self.abits,
             "metric": self.metric if self.rounds else "none",
-            "weight_grid": f"per-channel x {self.block_size} input channels" if self.block_size else str(self.grid_spec),
+            "weight_grid": (f"per-channel x {self.block_size} input channels" if self.block_size
+                            else str(self.grid_spec)),
             "layers_learned": sum(1 for d in details if d.get("learned_from") is not None),
             "weight_scales": sum(d.get("scales", 0) for d in details if d.get("kind") == "weight"),
         }
