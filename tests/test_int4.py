@@ -57,7 +57,8 @@ def test_pack_rejects_out_of_range():
 
 def _dq_model(levels, scales, block):
     node = helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=block)
-    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(levels.shape))],
+    output = helper.make_tensor_value_info("w", TensorProto.FLOAT, list(levels.shape))
+    graph = helper.make_graph([node], "dq", [], [output],
                               [int4_initializer("q", levels), numpy_helper.from_array(scales, "s")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
@@ -181,16 +182,20 @@ def test_indivisible_block_falls_back_errors_or_skips():
 def test_shared_transposed_and_3d_weights_are_skipped_with_reasons():
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "shared"),
-             numpy_helper.from_array(rng.standard_normal((2, 64, 64)).astype(np.float32), "w3")]
+             numpy_helper.from_array(rng.standard_normal((2, 64, 64)).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "embedding")]
     nodes = [helper.make_node("MatMul", ["x", "shared"], ["a"], name="first"),
              helper.make_node("MatMul", ["a", "shared"], ["b"], name="second"),
-             helper.make_node("MatMul", ["b", "w3"], ["y"], name="batched")]
+             helper.make_node("MatMul", ["b", "w3"], ["c"], name="batched"),
+             helper.make_node("Transpose", ["embedding"], ["head_weight"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["c", "head_weight"], ["y"], name="head")]
     model = graphs.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 64])], inits, opset=21)
     _, record = quantize(model, method="rtn")
     reasons = {d["node"]: d["reason"] for d in record.details if d["kind"] == "skipped"}
     assert reasons == {"first": "weight is shared with other nodes", "second": "weight is shared with other nodes",
-                       "batched": "weight is 3-D (INT4 blocks need a 2-D weight)"}
+                       "batched": "weight is 3-D (INT4 blocks need a 2-D weight)",
+                       "head": "weight is a Transpose of a constant (a tied embedding?), not a constant"}
 
 
 def test_awq_factors_fold_losslessly_into_producers():

@@ -142,6 +142,9 @@ class Int4Weight(Pass):
                 continue
             weight = node.inputs[1]
             if not isinstance(weight, gs.Constant):
+                producer = weight.inputs[0] if len(weight.inputs) == 1 else None
+                if producer is not None and producer.op == "Transpose" and isinstance(producer.inputs[0], gs.Constant):
+                    skipped[node.name] = "weight is a Transpose of a constant (a tied embedding?), not a constant"
                 continue
             reason = self._skip_reason(node, weight)
             if reason is None:
