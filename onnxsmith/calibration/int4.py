@@ -16,6 +16,8 @@ import onnx
 import torch
 from numpy.typing import ArrayLike
 
+from onnxsmith.calibration.blocks import BlockGrid
+
 INT4_MIN, INT4_MAX = -8, 7
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 TENSORRT_BLOCK_SIZES = (64, 128)
@@ -68,9 +70,10 @@ def check_block(k: int, block: int) -> None:
         raise ValueError(f"block size {block} does not divide K = {k}")
 
 
-def expand_scales(scales: np.ndarray, block: int) -> np.ndarray:
-    """``[K, N]``: every row of block ``b`` gets ``scales[b]``."""
-    return np.repeat(np.asarray(scales), block, axis=0)
+def block_grid(w: np.ndarray, block: int) -> BlockGrid:
+    """The grid of ``W [K, N]`` with ``block`` rows by one column per step."""
+    k, n = np.shape(w)
+    return BlockGrid(k, n, block, 1)
 
 
 def quantize_blocks(w: ArrayLike, scales: ArrayLike, block: int) -> np.ndarray:
@@ -78,26 +81,21 @@ def quantize_blocks(w: ArrayLike, scales: ArrayLike, block: int) -> np.ndarray:
     w = np.asarray(w, dtype=np.float32)
     check_block(w.shape[0], block)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        levels = np.rint(w / expand_scales(np.asarray(scales, dtype=np.float32), block))
+        levels = np.rint(w / block_grid(w, block).expand(np.asarray(scales, dtype=np.float32)))
     return np.clip(np.nan_to_num(levels), INT4_MIN, INT4_MAX).astype(np.int8)
 
 
 def dequantize_blocks(levels: ArrayLike, scales: ArrayLike, block: int) -> np.ndarray:
     """``levels * s`` per block: the float32 weight a blocked ``DequantizeLinear`` produces."""
-    return np.asarray(levels, dtype=np.float32) * expand_scales(np.asarray(scales, dtype=np.float32), block)
-
-
-def block_absmax(w: np.ndarray, block: int) -> np.ndarray:
-    """``max|w|`` of every block: ``[K / block, N]``."""
-    k, n = w.shape
-    return np.abs(w).reshape(k // block, block, n).max(axis=1)
+    levels = np.asarray(levels, dtype=np.float32)
+    return levels * block_grid(levels, block).expand(np.asarray(scales, dtype=np.float32))
 
 
 def rtn_scales(w: ArrayLike, block: int) -> np.ndarray:
     """Round-to-nearest steps ``max|block| / 7`` (an all-zero block gets 1), float32 ``[K / block, N]``."""
     w = np.asarray(w, dtype=np.float32)
     check_block(w.shape[0], block)
-    amax = block_absmax(w, block)
+    amax = block_grid(w, block).block_absmax(w)
     return np.where(amax > 0, amax / INT4_MAX, 1.0).astype(np.float32)
 
 
@@ -170,7 +168,7 @@ def gptq_quantize(w: ArrayLike, gram: ArrayLike, block: int, mse: bool = True, d
         steps = np.zeros((k // block, n), dtype=np.float32)
     order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
     weight, h = weight[order], h[order][:, order]
-    row_steps = torch.from_numpy(np.repeat(steps, block, axis=0))[order] if fixed else None
+    row_steps = torch.from_numpy(BlockGrid(k, n, block, 1).expand(steps))[order] if fixed else None
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     low, high = levels

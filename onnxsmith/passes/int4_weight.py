@@ -58,7 +58,7 @@ from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.calibration.observers import GramObserver, Observer
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxsmith.passes.graph_utils import export_graph, import_graph, store_as_int4
-from onnxsmith.passes.qdq_nodes import FLOAT_TYPES
+from onnxsmith.passes.qdq_nodes import FLOAT_TYPES, weight_site
 
 METHODS = ("rtn", "mse")
 TARGETS = ("tensorrt", "onnxruntime")
@@ -140,12 +140,13 @@ class Int4Weight(Pass):
         for node in graph.nodes:
             if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
                 continue
-            weight = node.inputs[1]
-            if not isinstance(weight, gs.Constant):
-                producer = weight.inputs[0] if len(weight.inputs) == 1 else None
-                if producer is not None and producer.op == "Transpose" and isinstance(producer.inputs[0], gs.Constant):
-                    skipped[node.name] = "weight is a Transpose of a constant (a tied embedding?), not a constant"
+            site = weight_site(node)
+            if site is None:
                 continue
+            if site[0] is not node:
+                skipped[node.name] = "weight is a Transpose of a constant (a tied embedding?), not a constant"
+                continue
+            weight = node.inputs[1]
             reason = self._skip_reason(node, weight)
             if reason is None:
                 transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))

@@ -97,6 +97,10 @@ class Region:
     refusal: str | None = None
 
 
+PERMUTATION_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-4)
+"""Exact up to float summation order: permuted contractions add the same products in another order."""
+
+
 class Refused(Exception):
     """The region cannot carry a permutation; the message says why in one line."""
 
@@ -107,8 +111,7 @@ class ReorderChannels(Pass):
     name = "reorder-channels"
     description = "permute channels between layers so quantization blocks group similar ranges (lossless)"
     lossless = True
-    tolerance = Tolerance(atol=1e-4, rtol=1e-4)
-    """Exact up to float summation order: permuted contractions add the same products in another order."""
+    tolerance = PERMUTATION_TOLERANCE
     min_opset = 13
 
     def __init__(self, strategy: str = "auto", weight_grid: str = "per-channel", wbits: int = 8) -> None:

@@ -38,11 +38,11 @@ import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.nm_shuffle import SHUFFLES, ShuffleChoice, choose_nm_permutation, kept_fraction
 from onnxsmith.calibration.observers import Observer
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
 from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
 from onnxsmith.calibration.sparsity import check_pattern
 from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer
-from onnxsmith.passes.reorder_channels import apply_permutation, permute, regions
+from onnxsmith.passes.reorder_channels import PERMUTATION_TOLERANCE, apply_permutation, permute, regions
 
 ABSORB = ("fold", "fold-or-gather", "fold-or-gather-each")
 
@@ -53,8 +53,7 @@ class ShuffleNM(Pass):
     name = "shuffle-nm"
     description = "permute input channels so N:M pruning keeps more of the score (E-Sparse shuffles)"
     lossless = True
-    tolerance = Tolerance(atol=1e-4, rtol=1e-4)
-    """Exact up to float summation order: permuted contractions add the same products in another order."""
+    tolerance = PERMUTATION_TOLERANCE
     min_opset = 13
 
     def __init__(
