@@ -38,6 +38,7 @@ examples:
   optimize zoo:smollm2 --recipe int4-wo --block-size 32 --target onnxruntime   MatMulNBits
   optimize zoo:minilm --recipe w4a8 --learn-steps 100   INT4 weights + INT8 activations, learned steps
   optimize zoo:minilm --recipe w4a4-kd           W4A4, LSQ steps distilled layer by layer
+  optimize zoo:moe-tiny --recipe moe-w8a8 --kv-cache int8   MoE W8A8 (experts on routed tokens) + int8 KV cache
 
 exit codes: 0 success, 1 a pass failed or broke the model, 2 bad input (one-line message; --debug for a trace)
 """
@@ -107,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LSQ training steps per layer (0: no learning)")
     int4.add_argument("--scale-gradient", choices=list(SCALE_GRADIENTS),
                       help="gradient of the learned steps (lsq, or clip: saturation term only)")
+    moe = parser.add_argument_group("mixture-of-experts and KV cache (moe-w8a8)")
+    moe.add_argument("--kv-cache", dest="kv_cache", choices=["int8", "none"],
+                     help="quantize the stored keys/values at their producing layer (int8) or not")
+    moe.add_argument("--kv-granularity", dest="granularity", choices=["per-tensor", "per-head"],
+                     help="KV-cache scales: one per tensor or one per KV head")
+    moe.add_argument("--min-expert-tokens", type=_positive, metavar="N",
+                     help="experts routed fewer calibration tokens fall back (default 32)")
+    moe.add_argument("--expert-fallback", choices=["weight-only", "shared-scale"],
+                     help="what a few-token expert gets: float activations, or the MoE input's scale")
+    moe.add_argument("--quantize-router", action="store_true", default=None,
+                     help="quantize the router too (default: router and its input stay float)")
     sparsity = parser.add_argument_group("sparsity (override the recipe's N:M passes)")
     sparsity.add_argument("--nm", type=_pattern, metavar="N:M",
                           help="sparsity pattern: keep N of every M input channels (2:4, 4:8)")
@@ -248,7 +260,8 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
         options["calibrator"] = args.calibrator
     for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss", "weight_grid", "act_groups", "weight_only",
                  "strategy", "score", "alpha", "shuffle", "absorb", "block_size", "target", "method", "learn_steps",
-                 "scale_gradient"):
+                 "scale_gradient", "kv_cache", "granularity", "min_expert_tokens", "expert_fallback",
+                 "quantize_router"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.nm is not None:
@@ -296,6 +309,8 @@ def _summary(result: OptimizeResult, say) -> None:
     say(f"evaluation on {evaluation.feeds} feeds:")
     for key, value in evaluation.metrics.items():
         say(f"  {key:24} {value:.4f}")
+    if evaluation.routing_agreement is not None:
+        say(f"  {'routing_agreement':24} {evaluation.routing_agreement:.4f}")
     for name, value in evaluation.output_sqnr_db.items():
         say(f"  SQNR {name:19} {value:.1f} dB")
     say(f"  latency (ms)             FP32 {evaluation.latency_ms['reference']:.2f}  "

@@ -16,9 +16,11 @@ from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.models.base import Feed, ZooModel
 from onnxsmith.optimizer.layer_fidelity import activation_sqnr
+from onnxsmith.optimizer.routing import routing_probe
 
 LAYER_FEEDS = 16
 """Feeds used for the per-layer activation SQNR."""
@@ -33,7 +35,9 @@ class Evaluation:
     ``latency_ms`` the median single-feed latency of each model on the first feed (onnxruntime CPU, all graph
     optimizations on); ``size_bytes`` the files' sizes including external data; ``activation_sqnr_db`` the SQNR
     of each activation the candidate quantizes, measured on FP32 activations of the first ``LAYER_FEEDS`` feeds
-    (empty when the candidate quantizes no activation).
+    (empty when the candidate quantizes no activation). For mixture-of-experts models ``routing_agreement`` is the
+    fraction of (token, MoE layer) pairs whose top-1 expert is the same in both models, and
+    ``routing_agreement_by_layer`` the fraction per router (keyed by its choice tensor); None / empty otherwise.
     """
 
     feeds: int
@@ -42,6 +46,8 @@ class Evaluation:
     activation_sqnr_db: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
+    routing_agreement: float | None = None
+    routing_agreement_by_layer: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +68,13 @@ def evaluate(
     """
     if not feeds:
         raise ValueError("evaluation needs at least one feed")
-    ref_session = create_session(reference)
-    cand_session = create_session(candidate)
+    routing = routing_probe(onnx.load(str(reference), load_external_data=False),
+                            onnx.load(str(candidate), load_external_data=False))
+    if routing is None:
+        ref_session, cand_session = create_session(reference), create_session(candidate)
+    else:
+        ref_session = create_session(with_outputs(onnx.load(str(reference)), routing.choices))
+        cand_session = create_session(with_outputs(onnx.load(str(candidate)), routing.choices))
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     ref_reduced, cand_reduced = [], []
@@ -77,6 +88,8 @@ def evaluate(
                 ref64, cand64 = ref.astype(np.float64), cand_out[name].astype(np.float64)
                 signal[name] = signal.get(name, 0.0) + float(np.sum(ref64**2))
                 noise[name] = noise.get(name, 0.0) + float(np.sum((ref64 - cand64) ** 2))
+        if routing is not None:
+            routing.add(ref_out, cand_out)
         if zoo_model is not None:
             ref_reduced.append(zoo_model.reduce_outputs(index, ref_out))
             cand_reduced.append(zoo_model.reduce_outputs(index, cand_out))
@@ -84,6 +97,8 @@ def evaluate(
     result.output_sqnr_db = {name: sqnr_db(signal[name], noise[name]) for name in signal}
     if zoo_model is not None:
         result.metrics = zoo_model.score(ref_reduced, cand_reduced)
+    if routing is not None:
+        result.routing_agreement, result.routing_agreement_by_layer = routing.overall, routing.by_layer()
     result.latency_ms = {
         "reference": median_latency_ms(ref_session, feeds[0], latency_runs),
         "candidate": median_latency_ms(cand_session, feeds[0], latency_runs),

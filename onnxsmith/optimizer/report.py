@@ -68,6 +68,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", f"## Evaluation ({evaluation['feeds']} feeds)", "", "| figure | value |", "|---|---|"]
         for key, value in evaluation["metrics"].items():
             lines.append(f"| {key} | {_fmt(value)} |")
+        if evaluation.get("routing_agreement") is not None:
+            lines.append(f"| routing agreement (top-1 expert unchanged) | {_fmt(evaluation['routing_agreement'])} |")
         for name, value in evaluation["output_sqnr_db"].items():
             lines.append(f"| SQNR of `{name}` (dB) | {_fmt(value)} |")
         for which, value in evaluation["latency_ms"].items():

@@ -6,6 +6,8 @@ from onnxsmith.passes.constant_folding import ConstantFolding
 from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
 from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
 from onnxsmith.passes.int4_weight import Int4Weight
+from onnxsmith.passes.kv_cache_qdq import KvCacheQuantize
+from onnxsmith.passes.moe_qdq import MoeQuantize
 from onnxsmith.passes.prune_nm import PruneNM
 from onnxsmith.passes.ptq_qdq import PtqQuantize
 from onnxsmith.passes.qdq_int8 import QuantizeInt8
@@ -28,6 +30,8 @@ PASSES: dict[str, type[Pass]] = {
         UpgradeOpset,
         QuantizeInt8,
         PtqQuantize,
+        MoeQuantize,
+        KvCacheQuantize,
         AwqScale,
         Int4Weight,
         ShuffleNM,

@@ -136,15 +136,7 @@ class QuantizeInt8(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
         placement = self.place(graph)
-        details: list[dict] = []
-        dequantized_weights: dict[tuple[str, int], gs.Variable] = {}
-        for node, index, axis in placement.weights:
-            weight = node.inputs[index]
-            key = (weight.name, axis)
-            if key not in dequantized_weights:
-                dequantized_weights[key], detail = quantize_weight(graph, weight, axis)
-                details.append(detail)
-            node.inputs[index] = dequantized_weights[key]
+        weights_quantized, details = quantize_weights(graph, placement.weights)
         tensors = graph.tensors()
         # Twin tensors last: the dual-GEMM form replaces their consumers, which must already read their other
         # quantized inputs.
@@ -172,13 +164,13 @@ class QuantizeInt8(Pass):
             details.append({**detail, "consumers": [node.name for node, _ in consumers]})
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         changes = {
-            "weights_quantized": len(dequantized_weights),
+            "weights_quantized": weights_quantized,
             "activations_quantized": len(placement.activations),
             "twin_uniform": len(placement.twin_layouts),
             "nodes_skipped": len(placement.skipped),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
-        modified = bool(dequantized_weights or placement.activations)
+        modified = bool(weights_quantized or placement.activations)
         return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
 
     def _exclusion(self, node: gs.Node) -> str | None:
@@ -241,6 +233,21 @@ class QuantizeInt8(Pass):
             return scale, np.int8(0), [float(lo), float(hi)]
         scale, zero_point = asymmetric_qparams(lo, hi, np.uint8)
         return np.float32(scale), np.uint8(zero_point), [float(lo), float(hi)]
+
+
+def quantize_weights(graph: gs.Graph, sites: Sequence[tuple[gs.Node, int, int]]) -> tuple[int, list[dict]]:
+    """Replace each weight site's constant by a per-channel int8 ``DequantizeLinear`` (one per weight and axis,
+    shared by its readers); returns how many weights were quantized and one detail per weight."""
+    details: list[dict] = []
+    dequantized: dict[tuple[str, int], gs.Variable] = {}
+    for node, index, axis in sites:
+        weight = node.inputs[index]
+        key = (weight.name, axis)
+        if key not in dequantized:
+            dequantized[key], detail = quantize_weight(graph, weight, axis)
+            details.append(detail)
+        node.inputs[index] = dequantized[key]
+    return len(dequantized), details
 
 
 def _is_two_four(node: gs.Node, site: tuple[gs.Node, int, int | None]) -> bool:

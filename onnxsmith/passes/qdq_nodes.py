@@ -224,17 +224,21 @@ def insert_symmetric_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float, bit
 
 
 def insert_qdq(graph: gs.Graph, tensor: gs.Variable, scale: np.ndarray, zero_point: np.ndarray,
-                prefix: str | None = None) -> gs.Variable:
-    """Append ``QuantizeLinear -> DequantizeLinear`` on ``tensor``; names start with ``prefix`` (the tensor's)."""
+                prefix: str | None = None, axis: int | None = None) -> gs.Variable:
+    """Append ``QuantizeLinear -> DequantizeLinear`` on ``tensor``; names start with ``prefix`` (the tensor's).
+
+    ``axis`` (with 1-D ``scale`` / ``zero_point``) makes the pair per-axis along that axis of ``tensor``.
+    """
     prefix = prefix or tensor.name
+    attrs = {} if axis is None else {"axis": axis}
     scale_const = gs.Constant(f"{prefix}_scale", np.asarray(scale, dtype=np.float32))
     zp_const = gs.Constant(f"{prefix}_zero_point", np.asarray(zero_point))
     quantized = gs.Variable(f"{prefix}_quantized", dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
     dequantized = gs.Variable(f"{prefix}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_QuantizeLinear",
-                               inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
+                               attrs=dict(attrs), inputs=[tensor, scale_const, zp_const], outputs=[quantized]))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_DequantizeLinear",
-                               inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
+                               attrs=dict(attrs), inputs=[quantized, scale_const, zp_const], outputs=[dequantized]))
     return dequantized
 
 
