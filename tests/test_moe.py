@@ -160,12 +160,15 @@ def test_expert_without_tokens_is_reported_and_falls_back(moe_model: tuple[str, 
     assert _relative_error(_run(result.model, idle), _run(model, idle)) < 0.05
 
 
-def test_min_expert_tokens_triggers_fallback(moe_model: tuple[str, onnx.ModelProto]) -> None:
+def test_min_expert_tokens_triggers_fallback(moe_model: tuple[str, onnx.ModelProto],
+                                            caplog: pytest.LogCaptureFixture) -> None:
     _, model = moe_model
     feeds = _feeds(count=1)
     quantizer = MoeQuantize(min_expert_tokens=1000)
     result = quantizer.run(onnx.load_from_string(model.SerializeToString()), _calibrated(quantizer, model, feeds))
     assert result.changes["experts_fallback"] == EXPERTS
+    assert f"{EXPERTS} experts got fewer than 1000 calibration tokens" in caplog.text
+    assert "/gate/MatMul expert 2 (" in caplog.text
 
 
 def test_routed_observer_checks_row_counts() -> None:

@@ -17,6 +17,7 @@ Every expert's token count, form and fallback are in the pass details (``kind: "
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from onnxsmith.passes.qdq_int8 import Placement, QuantizeInt8, quantize_weights
 from onnxsmith.passes.qdq_nodes import insert_qdq
 
 FALLBACKS = ("weight-only", "shared-scale")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +130,10 @@ class MoeQuantize(QuantizeInt8):
         weights_quantized, details = quantize_weights(graph, plan.placement.weights)
         tokens = _expert_tokens(plan, context)
         fallen = {owner for owner, count in tokens.items() if count < self.min_expert_tokens}
+        if fallen:
+            named = ", ".join(f"{plan.layers[i].router} expert {e} ({tokens[i, e]} tokens)" for i, e in sorted(fallen))
+            log.warning("moe-qdq: %d experts got fewer than %d calibration tokens and use the %s fallback: %s",
+                        len(fallen), self.min_expert_tokens, self.expert_fallback, named)
         entries = {(i, expert.index): set(expert.entries)
                    for i, layer in enumerate(plan.layers) for expert in layer.experts.values()}
         tensors = graph.tensors()
