@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "minilm": "onnxsmith.models.minilm:MiniLM",
     "smollm2": "onnxsmith.models.smollm2:SmolLM2",
     "moe-tiny": "onnxsmith.models.moe_tiny:MoeTiny",
+    "moe-tiny-dense": "onnxsmith.models.moe_tiny:MoeTinyDense",
 }
 
 DEFAULT_ZOO_MODEL = "vit-digits"
