@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import onnx
 import pytest
 
 import graphs
@@ -52,6 +53,20 @@ def test_bad_feeds_are_one_line_errors(feed, message):
     with pytest.raises(UserError, match=message) as info:
         load_calibration([feed], MODEL)
     assert "\n" not in str(info.value) and "sample 0" in str(info.value)
+
+
+def test_an_empty_input_beside_a_filled_one_is_accepted():
+    """A KV-cache model's prefill feed: tokens plus an empty past."""
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Concat", ["past", "x"], ["y"], axis=1)], "g",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, n, 4]) for n in ("past", "x")],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "total", 4])]))
+    for name in ("past", "x"):
+        model.graph.input[("past", "x").index(name)].type.tensor_type.shape.dim[1].dim_param = name
+    prefill = {"past": np.zeros((1, 0, 4), np.float32), "x": np.ones((1, 3, 4), np.float32)}
+    assert len(load_calibration([prefill], model)) == 1
+    with pytest.raises(UserError, match="input 'past' is empty"):
+        load_calibration([{"past": np.zeros((1, 0, 4), np.float32), "x": np.zeros((1, 0, 4), np.float32)}], model)
 
 
 def test_empty_sources_and_bad_files(tmp_path):

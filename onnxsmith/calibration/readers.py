@@ -95,8 +95,13 @@ def random_calibration(model: onnx.ModelProto, count: int = RANDOM_FEEDS) -> lis
 
 
 def validate_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec], where: str) -> None:
-    """Raise :class:`UserError` unless ``feed`` matches ``specs`` exactly (names, dtypes, ranks, fixed dims)."""
+    """Raise :class:`UserError` unless ``feed`` matches ``specs`` exactly (names, dtypes, ranks, fixed dims).
+
+    An input may be empty along a dynamic axis (a KV-cache model's prefill has an empty past) as long as some input
+    of the feed holds data.
+    """
     _check_names(feed, specs, where)
+    filled = any(isinstance(array, np.ndarray) and array.size for array in feed.values())
     for name, spec in specs.items():
         array = feed[name]
         if not isinstance(array, np.ndarray):
@@ -111,7 +116,7 @@ def validate_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]
                     raise UserError(
                         f"{where}: input {name!r} has size {actual} on axis {axis}, the model expects {expected}"
                     )
-        if array.size == 0:
+        if array.size == 0 and not filled:
             raise UserError(f"{where}: input {name!r} is empty")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise UserError(f"{where}: input {name!r} contains NaN or Inf")
