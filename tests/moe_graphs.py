@@ -34,16 +34,17 @@ class Expert(nn.Module):
 
 
 class ToyMoE(nn.Module):
-    """``x [tokens, HIDDEN]`` -> shared expert + top-1 routed experts; token t goes to ``argmax(x[t, :EXPERTS])``.
+    """``x [tokens, HIDDEN]`` -> shared expert + top-1 routed experts; token t goes to ``argmax(x[t, :EXPERTS])``
+    (chosen by ``ArgMax``, or by ``TopK(1)`` with ``topk=True``).
 
     ``dense=False`` dispatches rows (NonZero / Gather / ScatterElements); ``dense=True`` runs every expert on every
     token and masks by ``one_hot(choice) * probability``.
     """
 
-    def __init__(self, dense: bool) -> None:
+    def __init__(self, dense: bool, topk: bool = False) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.dense = dense
+        self.dense, self.topk = dense, topk
         self.shared_expert = Expert()
         self.experts = nn.ModuleList(Expert() for _ in range(EXPERTS))
         self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
@@ -56,6 +57,9 @@ class ToyMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(self.gate(x), dim=-1)
+        if self.topk:
+            weight, choice = probs.topk(1, dim=-1)
+            return choice.squeeze(1), weight.squeeze(1)
         weight, choice = probs.max(dim=-1)
         return choice, weight
 
@@ -74,12 +78,12 @@ class ToyMoE(nn.Module):
         return out
 
 
-def export_moe(path: Path, dense: bool) -> Path:
+def export_moe(path: Path, dense: bool, topk: bool = False) -> Path:
     """Export :class:`ToyMoE` (input ``x``, output ``y``, dynamic token axis) to ``path``."""
     tokens = torch.from_numpy(moe_tokens(16))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ToyMoE(dense).eval(), (tokens,), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(ToyMoE(dense, topk).eval(), (tokens,), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "tokens"}, "y": {0: "tokens"}})
     return path
 

@@ -62,6 +62,19 @@ def test_detects_router_experts_shared_expert_and_form(moe_model: tuple[str, onn
     assert ("OneHot" in ops) == (form == "dense") and ("NonZero" in ops) == (form == "dispatch")
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_topk_router_is_recognised_and_calibrated(dense: bool, tmp_path: Path) -> None:
+    model = onnx.shape_inference.infer_shapes(onnx.load(export_moe(tmp_path / "topk.onnx", dense, topk=True)))
+    (layer,) = find_moe_layers(import_graph(model))
+    assert layer.top_k == 1 and layer.choice.startswith("/TopK")
+    assert sorted(layer.experts) == list(range(EXPERTS)) and len(layer.shared) == 3
+    feeds = _feeds()
+    context = _calibrated(MoeQuantize(), model, feeds)
+    tokens = np.concatenate([feed["x"] for feed in feeds])
+    counts = {obs.expert: obs.tokens for obs in context.calibration.values() if isinstance(obs, RoutedObserver)}
+    assert counts == {e: len(routed_to(tokens, e)) for e in range(EXPERTS)}
+
+
 def test_graph_without_router_has_no_moe_layer() -> None:
     from graphs import transformer_block
 
