@@ -7,12 +7,16 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from pathlib import Path
+
 from onnxsmith import __version__
+from onnxsmith.backends.tensorrt import build_engine, measure_latency, require_tensorrt
 from onnxsmith.errors import PassError, UserError
 from onnxsmith.models.zoo import DEFAULT_ZOO_MODEL, get_zoo_model, zoo_names
 from onnxsmith.optimizer.inspect_sparsity import COMMAND as INSPECT_SPARSITY, build_inspect_parser, run_inspect
+from onnxsmith.optimizer.lint_trt import COMMAND as LINT_TRT, build_lint_parser, report_lines, run_lint, summary_line
 from onnxsmith.optimizer.manager import PassRecord
-from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file, plan
+from onnxsmith.optimizer.pipeline import OptimizeResult, engine_feeds, optimize_file, plan
 from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.calibration.int4 import BLOCK_SIZES
 from onnxsmith.calibration.lsq import SCALE_GRADIENTS
@@ -34,6 +38,8 @@ examples:
   optimize zoo:smollm2 --recipe esparse24 --alpha 10   E-Sparse 2:4 with channel shuffles (head kept dense)
   optimize zoo:minilm --recipe wanda24 --nm 4:8    Wanda 4:8 sparsity
   optimize inspect-sparsity model.onnx [--json]  which GEMM weights are 2:4 / 4:8 sparse on the input axis
+  optimize lint-trt model.opt.onnx [--json]      can TensorRT 10 parse it and run its Q/DQ as intended?
+  optimize zoo:minilm --recipe w8a8 --act-dtype int8 --engine minilm.plan   build a TensorRT engine too
   optimize zoo:smollm2 --recipe int4-awq --block-size 64           INT4 weight-only, AWQ scaling (TensorRT form)
   optimize zoo:smollm2 --recipe int4-wo --block-size 32 --target onnxruntime   MatMulNBits
   optimize zoo:minilm --recipe w4a8 --learn-steps 100   INT4 weights + INT8 activations, learned steps
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather", "fold-or-gather-each"],
                           help="fold shuffles into producers only, or use a Gather where folding is impossible "
                                "(one per activation, or one per layer)")
+    engine = parser.add_argument_group("TensorRT engine (needs TensorRT 10 and a CUDA GPU)")
+    engine.add_argument("--engine", metavar="OUT.plan", help="also build a TensorRT engine from the output")
+    engine.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to load and update")
+    engine.add_argument("--engine-latency", action="store_true", help="measure the engine's latency on one feed")
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
     parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
     verbosity = parser.add_mutually_exclusive_group()
@@ -147,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == [INSPECT_SPARSITY]:
         inspect_args = build_inspect_parser().parse_args(argv[1:])
         return _guarded(lambda: run_inspect(inspect_args), inspect_args.debug)
+    if argv[:1] == [LINT_TRT]:
+        lint_args = build_lint_parser().parse_args(argv[1:])
+        return _guarded(lambda: run_lint(lint_args), lint_args.debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -193,6 +206,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kind = "lossless" if p.lossless else "lossy"
             print(f"{index:2}. {p.name:28} {kind:9} {p.description}")
         return 0
+    if args.engine:
+        require_tensorrt()  # before the optimization, so a missing TensorRT costs nothing
     say = _printer(args.quiet)
     result = optimize_file(
         args.model,
@@ -211,7 +226,26 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         json_path, _ = write_report(result, args.report)
         say(f"report: {json_path.parent}/report.{{json,md}}")
     _summary(result, say)
+    if args.engine:
+        _build_engine(result, args, say)
     return 0
+
+
+def _build_engine(result: OptimizeResult, args: argparse.Namespace, say) -> None:
+    """Build the TensorRT engine of the written model with a profile from the calibration feeds' shapes."""
+    feeds = engine_feeds(result, args.calib)
+    report = build_engine(result.output_path, args.engine, [{k: v.shape for k, v in f.items()} for f in feeds],
+                          timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    say(f"engine: {report.engine_path} in {report.seconds:.1f} s (network {', '.join(report.network_flags) or '-'};"
+        f" flags {', '.join(report.builder_flags) or '-'})")
+    for name, (low, opt, high) in report.profile.items():
+        say(f"  profile {name}: min {low} opt {opt} max {high}")
+    say(f"  {report.layers.line()}")
+    if report.sparse_layers and not report.layers.sparse_tactics:
+        say("  note: 2:4 layers found but no sparse tactic picked (the sparse-gemm-to-conv form helps)")
+    if args.engine_latency:
+        latency = measure_latency(args.engine, feeds[0])
+        say(f"  TensorRT latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
 
 
 def _grid(text: str) -> str:
@@ -303,6 +337,12 @@ def _summary(result: OptimizeResult, say) -> None:
     say(f"wrote {result.output_path} in {result.seconds:.1f} s")
     if result.unverified_reason:
         say(f"note: lossless passes were not verified ({result.unverified_reason})")
+    if result.trt_lint is not None:
+        hints = " (optimize lint-trt OUT.onnx --info shows the hints)" if any(
+            f.severity == "info" for f in result.trt_lint) else ""
+        say(summary_line(result.trt_lint) + hints)
+        for line in report_lines([f for f in result.trt_lint if f.severity != "info"]):
+            say(f"  {line}")
     evaluation = result.evaluation
     if evaluation is None:
         return

@@ -11,10 +11,11 @@ from typing import Any
 
 import onnx
 
+from onnxsmith.backends.trt_lint import Finding, lint_model
 from onnxsmith.calibration.gradients import TASK_KEY, model_task
 from onnxsmith.calibration.readers import CalibrationSource, load_calibration, random_calibration
 from onnxsmith.errors import UserError
-from onnxsmith.models.base import ZooModel
+from onnxsmith.models.base import Feed, ZooModel
 from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
 from onnxsmith.optimizer.evaluation import Evaluation, evaluate
 from onnxsmith.optimizer.manager import PassManager, PassRecord, plan_passes
@@ -54,6 +55,8 @@ class OptimizeResult:
     unverified_reason: str | None
     evaluation: Evaluation | None
     seconds: float
+    trt_lint: list[Finding] | None = None
+    """TensorRT-readiness findings on the output, when the recipe targets TensorRT (see :func:`targets_tensorrt`)."""
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -123,13 +126,31 @@ def optimize_file(
     manager = PassManager(passes, probe_feeds=probes, verify=verify, on_record=on_record)
     result = manager.run(model, PassContext(calibration_data=calibration, progress=progress))
     save_model(result.model, output_path)
+    trt_lint = lint_model(result.model) if targets_tensorrt(passes) else None
     evaluation = None
     if source.zoo is not None and wants_evaluation:
         evaluation = evaluate(input_path, output_path, source.zoo.evaluation_feeds(), source.zoo, progress=progress)
     elif file_eval_feeds is not None:
         evaluation = evaluate(input_path, output_path, file_eval_feeds, progress=progress)
     return OptimizeResult(spec, input_path, output_path, recipe_obj, result.records, result.unverified_reason,
-                          evaluation, time.perf_counter() - start)
+                          evaluation, time.perf_counter() - start, trt_lint)
+
+
+def engine_feeds(result: OptimizeResult, calib: CalibrationSource | None) -> list[Feed]:
+    """The feeds whose shapes make a TensorRT optimization profile: the run's calibration data (``calib``, the
+    zoo's set), else probes generated within the model's input specs."""
+    model = load_model(result.output_path)
+    if calib is not None:
+        return load_calibration(calib, model)
+    source = resolve_source(result.source)
+    if source.zoo is not None:
+        return source.zoo.calibration_feeds()
+    return generated_probe_feeds(model)
+
+
+def targets_tensorrt(passes: list[Pass]) -> bool:
+    """Whether a pass list writes TensorRT's forms: int8 activations (zero point 0) or ``target="tensorrt"``."""
+    return any(getattr(p, "act_dtype", None) == "int8" or getattr(p, "target", None) == "tensorrt" for p in passes)
 
 
 def _set_task(model: onnx.ModelProto, task: str) -> None:

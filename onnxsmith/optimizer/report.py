@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from onnxsmith.backends.trt_lint import summary
 from onnxsmith.errors import UserError
 from onnxsmith.optimizer.pipeline import OptimizeResult
 
@@ -24,6 +25,8 @@ def report_data(result: OptimizeResult) -> dict[str, Any]:
         "verification": result.unverified_reason or "every lossless pass verified against onnxruntime",
         "passes": [asdict(r) for r in result.records],
         "evaluation": result.evaluation.as_dict() if result.evaluation else None,
+        "trt_lint": None if result.trt_lint is None else {
+            "summary": summary(result.trt_lint), "findings": [f.as_dict() for f in result.trt_lint]},
     })
 
 
@@ -77,7 +80,23 @@ def markdown(data: dict[str, Any]) -> str:
         for which, value in evaluation["size_bytes"].items():
             lines.append(f"| size, {which} (MB) | {value / 1e6:.2f} |")
     lines += _layer_table(data)
+    lines += _lint_lines(data)
     return "\n".join(lines) + "\n"
+
+
+def _lint_lines(data: dict[str, Any]) -> list[str]:
+    """The TensorRT lint findings, when the recipe targeted TensorRT."""
+    lint = data.get("trt_lint")
+    if lint is None:
+        return []
+    counts = lint["summary"]
+    lines = ["", "## TensorRT readiness", "",
+             f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} hints."]
+    if lint["findings"]:
+        lines += ["", "| severity | rule | node | problem | fix |", "|---|---|---|---|---|"]
+        lines += [f"| {f['severity']} | {f['rule']} | `{f['node']}` | {f['message']} | {f['fix']} |"
+                  for f in lint["findings"]]
+    return lines
 
 
 def _layer_table(data: dict[str, Any]) -> list[str]:
