@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.sparsity import satisfies_nm
-from onnxsmith.passes.graph_utils import import_graph
+from onnxsmith.passes.graph_utils import constant_value, import_graph
 
 OPSET_RANGE = (9, 24)
 """Default-domain opsets TensorRT 10.15's ONNX parser supports (10.0: 9-20)."""
@@ -153,19 +153,19 @@ def _restrictions(node: gs.Node, opset: int) -> list[Finding]:
     problems: list[tuple[str, str]] = []
     op, attrs = node.op, node.attrs
     if op == "TopK":
-        k = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        k = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if attrs.get("sorted", 1) != 1:
             problems.append(("TopK needs sorted=1", "set sorted=1"))
         if k is None and len(node.inputs) > 1:
             problems.append(("TopK's K is not a build-time constant", "make K an initializer"))
         elif k is not None and int(np.asarray(k).ravel()[0]) >= 3840:
             problems.append(("TopK's K must be below 3840", "split the selection"))
-    elif op in REDUCE_OPS and len(node.inputs) > 1 and node.inputs[1].name and _constant(node.inputs[1]) is None:
+    elif op in REDUCE_OPS and len(node.inputs) > 1 and node.inputs[1].name and constant_value(node.inputs[1]) is None:
         problems.append((f"{op}'s axes are not an initializer", "make the axes an initializer (constant-folding)"))
-    elif op == "OneHot" and _constant(node.inputs[1]) is None:
+    elif op == "OneHot" and constant_value(node.inputs[1]) is None:
         problems.append(("OneHot's depth is not a build-time constant", "make depth an initializer"))
     elif op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
-        training = _constant(node.inputs[2])
+        training = constant_value(node.inputs[2])
         if training is None or bool(np.asarray(training).ravel()[0]):
             problems.append(("Dropout's training_mode must be a constant False", "export in eval mode"))
     elif op == "LayerNormalization" and any(out.outputs for out in node.outputs[1:]):
@@ -183,7 +183,7 @@ def _restrictions(node: gs.Node, opset: int) -> list[Finding]:
     elif op == "Constant" and any(key in attrs for key in ("sparse_value", "value_string", "value_strings")):
         problems.append(("Constant with a sparse or string value", "store a dense numeric initializer"))
     elif op in ("Squeeze", "Unsqueeze") and opset >= 13 and len(node.inputs) > 1 and node.inputs[1].name \
-            and _constant(node.inputs[1]) is None:
+            and constant_value(node.inputs[1]) is None:
         return [Finding("warning", "op-restriction", node.name, f"{op}'s axes are computed at run time (TensorRT "
                         "must resolve them to a constant)", "fold them to an initializer (constant-folding)")]
     return [Finding("error", "op-restriction", node.name, message, fix) for message, fix in problems]
@@ -235,11 +235,11 @@ def _qdq_common(node: gs.Node, quantized_type: int | None) -> list[Finding]:
                                 "INT8, FP8, INT4 or FP4 only", "use int8 with zero point 0 (--act-dtype int8)"))
     zero_point = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if zero_point is not None:
-        value = _constant(zero_point)
+        value = constant_value(zero_point)
         if value is None or np.any(_as_numbers(value) != 0):
             findings.append(Finding("error", "qdq-zero-point", node.name, "zero point is not 0",
                                     "quantize symmetrically (int8, zero point 0: --act-dtype int8)"))
-    scale = _constant(node.inputs[1])
+    scale = constant_value(node.inputs[1])
     if scale is None:
         findings.append(Finding("error", "qdq-scale", node.name, "scale is not a build-time constant",
                                 "store the scale as an initializer"))
@@ -273,7 +273,7 @@ def _quantize(node: gs.Node) -> list[Finding]:
 
 def _dequantize(node: gs.Node, opset: int) -> list[Finding]:
     source = node.inputs[0]
-    constant = _constant(source)
+    constant = constant_value(source)
     producer = source.inputs[0] if source.inputs else None
     quantized_type = _elem_type(source, node)
     findings = _qdq_common(node, quantized_type)
@@ -483,15 +483,6 @@ def _proto_type(constant: gs.Constant) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(constant.values).dtype)
 
 
-def _constant(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if tensor.inputs and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        return None if value is None else np.asarray(value.values)
-    return None
-
-
 def _as_numbers(values: np.ndarray) -> np.ndarray:
     """Zero points as numbers (FP8 / INT4 custom dtypes compare as float)."""
     try:
@@ -501,7 +492,7 @@ def _as_numbers(values: np.ndarray) -> np.ndarray:
 
 
 def _is_per_axis(node: gs.Node) -> bool:
-    scale = _constant(node.inputs[1])
+    scale = constant_value(node.inputs[1])
     return scale is not None and scale.size > 1
 
 
@@ -513,10 +504,10 @@ def _same_params(quantize: gs.Node, dequantize: gs.Node) -> bool:
     for a, b in pairs:
         if a is b:
             continue
-        va, vb = (None if t is None else _constant(t) for t in (a, b))
+        va, vb = (None if t is None else constant_value(t) for t in (a, b))
         if va is None or vb is None or va.shape != vb.shape or not np.array_equal(_as_numbers(va), _as_numbers(vb)):
             return False
-    return quantize.attrs.get("axis", 1) == dequantize.attrs.get("axis", 1) or _constant(quantize.inputs[1]).size == 1
+    return quantize.attrs.get("axis", 1) == dequantize.attrs.get("axis", 1) or constant_value(quantize.inputs[1]).size == 1
 
 
 def _shape(tensor: gs.Tensor) -> list | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
@@ -54,3 +55,13 @@ def store_as_int4(model: onnx.ModelProto, names: set[str]) -> None:
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.name in names:
             model.graph.initializer[index].CopyFrom(int4_initializer(tensor.name, numpy_helper.to_array(tensor)))
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if tensor.inputs and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        return None if value is None else np.asarray(value.values)
+    return None

@@ -25,8 +25,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxsmith.passes.graph_utils import constant_value
 
 GEMM_OPS = ("MatMul", "Gemm")
 PASS_THROUGH = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -108,16 +109,6 @@ def has_constant_weight(node: gs.Node) -> bool:
     while not isinstance(weight, gs.Constant) and weight.inputs and weight.inputs[0].op in WEIGHT_PASS_THROUGH:
         weight = weight.inputs[0].inputs[0]
     return isinstance(weight, gs.Constant)
-
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if tensor.inputs and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        return None if value is None else np.asarray(value.values)
-    return None
 
 
 def _router_layer(softmax: gs.Node) -> MoeLayer | None:
