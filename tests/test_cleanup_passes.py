@@ -157,3 +157,19 @@ def test_symbolic_shape_inference_merges_symbols_broadcasting_equates():
     assert shapes(plain)["rx"] == ["N", "S"] and shapes(plain)["ry"] == ["N", "T"]
     assert shapes(symbolic)["rx"] == shapes(symbolic)["ry"]  # which symbol survives is the tool's choice
     assert symbolic.records[0].modified
+
+
+def test_constant_folding_keeps_value_float_constants_float32():
+    """Regression (found by test_fuzz_passes): onnx-graphsurgeon folded ``Constant(value_float=...)`` into a float64
+    initializer, which onnxruntime refuses next to a float32 operand."""
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="const_c", value_float=1.5),
+        helper.make_node("Constant", [], ["v"], name="const_v", value_floats=[1.0, 2.0, 3.0]),
+        helper.make_node("Mul", ["x", "c"], ["xc"], name="mul"),
+        helper.make_node("Add", ["xc", "v"], ["y"], name="add"),
+    ]
+    model = graphs.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], opset=13)
+    result = PassManager([ConstantFolding()]).run(model)  # verified against onnxruntime by the manager
+    assert result.records[0].modified
+    assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.FLOAT}

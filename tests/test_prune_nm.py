@@ -158,3 +158,29 @@ def test_esparse_prefers_high_entropy_channels_of_equal_norm():
     esparse = pruned_weight(prune(model, feeds, n=1, m=4, score="esparse", alpha=0.0)[0])
     assert (wanda[0::4] != 0).all() and (wanda[1::4] == 0).all()
     assert (esparse[1::4] != 0).all() and (esparse[0::4] == 0).all()
+
+
+def test_a_tied_weight_pruned_with_two_masks_keeps_both():
+    """Regression (found by test_fuzz_passes): with activation-aware scores two layers sharing one weight get
+    different masks, but both pruned copies had the same name, so the export kept one and the other layer silently
+    ran with the wrong mask. Equal masks (magnitude) still share one tensor."""
+    rng = np.random.default_rng(1)
+    channel_scale = np.where(np.arange(8) % 2 == 0, 100.0, 0.01).astype(np.float32)
+    model = graphs.make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+         helper.make_node("Mul", ["h", "s"], ["hs"], name="scale"),
+         helper.make_node("MatMul", ["hs", "w"], ["y"], name="mm2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(channel_scale, "s")],
+    )
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(2)]
+    for score, distinct in (("wanda", 2), ("magnitude", 1)):
+        pruned, _ = prune(model, feeds, score=score, min_channels=8)
+        inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+        weights = {node.name: node.input[1] for node in pruned.graph.node if node.op_type == "MatMul"}
+        assert len(set(weights.values())) == distinct, score
+        if score == "wanda":  # mm2 reads channels scaled by 100 at even positions: its mask keeps those
+            assert (inits[weights["mm2"]][0::2] != 0).all() and (inits[weights["mm2"]][1::2] == 0).all()
+            assert not np.array_equal(inits[weights["mm1"]] != 0, inits[weights["mm2"]] != 0)

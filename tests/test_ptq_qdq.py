@@ -250,3 +250,24 @@ def test_layout_without_a_gemm_form_keeps_max_based_steps():
     scale = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}["conv_weight_scale"]
     expected = [initial_delta(float(a), 6) for a in np.abs(w).reshape(4, -1).max(axis=1)]
     np.testing.assert_allclose(scale, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("act_groups", [1, 2])
+def test_an_all_zero_activation_is_quantized_not_refused(act_groups):
+    """Regression (found by test_fuzz_passes): a layer input that is 0 on every calibration feed (a dead ReLU)
+    made the step search raise 'x_absmax must be finite and > 0'; every step is exact there, so the one candidate
+    is the smallest normal step (as for int8-qdq's all-zero ranges)."""
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    model = graphs.make_model(
+        [helper.make_node("Abs", ["x"], ["a"], name="abs"),
+         helper.make_node("Neg", ["a"], ["n"], name="neg"),
+         helper.make_node("Relu", ["n"], ["dead"], name="relu"),
+         helper.make_node("MatMul", ["dead", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    quantized, record = quantize(model, feeds_for((2, 4)), rounds=1, act_groups=act_groups, **FAST)
+    assert record.modified
+    out = run(quantized, feeds_for((2, 4), count=1, seed=5)[0])
+    assert np.array_equal(out, np.zeros((2, 3), np.float32))

@@ -225,3 +225,28 @@ def test_dual_gemm_form_equals_the_fake_quant_form(graph_name):
 def test_bad_twin_form_is_rejected():
     with pytest.raises(ValueError, match="twin_form"):
         QuantizeInt8(twin=True, twin_form="triple-gemm")
+
+
+def test_a_tied_weight_read_along_two_axes_gets_one_dequantize_per_axis():
+    """Regression (found by test_fuzz_passes): a weight shared by ``MatMul(x, W)`` (output channels on axis 1) and
+    ``Gemm(h, W, transB=1)`` (axis 0) was quantized twice under the same tensor names, so the export kept one
+    DequantizeLinear and the MatMul read scales along its reduction axis."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    model = graphs.make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Gemm", ["h", "w"], ["y"], name="gemm", transB=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    quantized = quantize_model(model, feeds_for((2, 6))).model
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    axes = {}
+    for node in quantized.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            dq = producers[node.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            axes[node.name] = next(a.i for a in dq.attribute if a.name == "axis")
+    assert axes == {"mm": 1, "gemm": 0}

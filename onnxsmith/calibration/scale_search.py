@@ -45,6 +45,7 @@ from numpy.typing import ArrayLike
 
 from onnxsmith.calibration.blocks import BlockGrid, initial_block_steps
 from onnxsmith.calibration.metrics import MetricName, MetricSpec, metric_spec
+from onnxsmith.calibration.qparams import MIN_SCALE
 from onnxsmith.calibration.twin_uniform import (
     Layout,
     TwinParams,
@@ -117,8 +118,13 @@ class UniformActQuantizer:
     bits: int
 
     def steps(self, x: np.ndarray, alpha: float, beta: float, n: int) -> tuple[float, np.ndarray]:
-        """``(Δ0, search_grid(Δ0, alpha, beta, n))``; needs ``max|x| > 0``."""
-        delta0 = initial_delta(float(np.abs(x).max(initial=0.0)), self.bits)
+        """``(Δ0, search_grid(Δ0, alpha, beta, n))``. When ``max|x| == 0`` (e.g. a dead ReLU on the calibration
+        data) every step quantizes ``x`` exactly: the one candidate is :data:`MIN_SCALE`, the step
+        :func:`~onnxsmith.calibration.qparams.symmetric_scale` gives an all-zero range."""
+        amax = float(np.abs(x).max(initial=0.0))
+        if amax == 0:
+            return float(MIN_SCALE), np.array([MIN_SCALE], dtype=np.float32)
+        delta0 = initial_delta(amax, self.bits)
         return delta0, search_grid(delta0, alpha, beta, n)
 
     def fake_quantize(self, x: np.ndarray, step: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
 from onnxsmith.errors import UserError, first_line
 
@@ -40,7 +41,11 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an ONNX model (external data included) or raise a :class:`UserError` naming the problem."""
+    """Load an ONNX model (external data included) or raise a :class:`UserError` naming the problem.
+
+    External data must lie in the model's folder (or below it): a location that resolves elsewhere
+    (``../secret.bin``, an absolute path, a symlink out) is refused before any external file is read.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -49,14 +54,56 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise UserError(f"model file is empty: {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"not a valid ONNX model (cannot parse {path.name}): {first_line(exc)}") from exc
-    except FileNotFoundError as exc:
-        raise UserError(f"external data of {path.name} is missing: {exc.filename}") from exc
     if not model.graph.node and not model.graph.output:
         raise UserError(f"not a valid ONNX model (no graph found in {path.name})")
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise UserError(f"not a valid ONNX model ({path.name} imports no ONNX opset; truncated file?)")
+    _load_external_data(model, path)
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the external data of ``model`` (loaded from ``path``) into its tensors.
+
+    Every location is checked first: one outside the model's folder, or a missing file, is a :class:`UserError`
+    naming the tensor and the location, raised before any external file is opened.
+    """
+    folder = path.absolute().parent.resolve()
+    external = [t for t in _all_tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    for tensor in external:
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise UserError(f"refusing external data of tensor {tensor.name!r} at {location!r}: it lies outside "
+                            f"the model's folder {folder}")
+        if not target.is_file():
+            raise UserError(f"external data of {path.name} is missing: {location} (tensor {tensor.name!r})")
+    if not external:
+        return
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise UserError(f"cannot read the external data of {path.name}: {first_line(exc)}") from exc
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
 
 
 def check_model(model: onnx.ModelProto) -> None:

@@ -21,7 +21,8 @@ def generated_probe_feeds(model: onnx.ModelProto, count: int = 2, seed: int = 0)
     """Random feeds within each graph input's declared type and shape.
 
     Floats are standard normal, integers are 0 or 1 (valid token ids and masks), inputs whose name contains
-    'mask' are all ones, booleans are random. Symbolic dimensions get ``SYMBOLIC_DIM_DEFAULT``.
+    'mask' are all ones, booleans are random, strings are short random words. Symbolic dimensions get
+    ``SYMBOLIC_DIM_DEFAULT``.
     """
     initializer_names = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
@@ -51,6 +52,9 @@ def _random_array(name: str, dtype: np.dtype, shape: list[int], rng: np.random.G
         return rng.random(shape) < 0.5
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 2, size=shape).astype(dtype)
+    if dtype == np.object_:  # TensorProto.STRING
+        words = np.array(["a", "onnx", "Hello", "42"], dtype=object)
+        return words[rng.integers(0, len(words), size=shape)]
     raise ValueError(f"cannot generate probe values for input {name!r} of type {dtype}")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.graph_utils import all_graphs, export_graph, import_graph
+from onnxsmith.passes.constants_to_initializers import _SCALAR_ATTRIBUTES
 
 DEFAULT_SIZE_THRESHOLD = 16 * 2**20
 """Folded tensors larger than this (bytes) are left unfolded, so folding never bloats the model."""
@@ -28,6 +31,7 @@ class ConstantFolding(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
+        _typed_constant_attributes(graph)
         before = len(graph.nodes)
         graph.fold_constants(fold_shapes=True, size_threshold=self.size_threshold, error_ok=True)
         graph.cleanup(remove_unused_graph_inputs=False)
@@ -35,3 +39,20 @@ class ConstantFolding(Pass):
         if removed == 0:
             return PassResult(model, False, {"nodes_folded": 0})
         return PassResult(export_graph(graph, model), True, {"nodes_folded": removed})
+
+
+def _typed_constant_attributes(graph: gs.Graph) -> None:
+    """Rewrite ``Constant`` nodes holding ``value_float(s)``/``value_int(s)`` into the equivalent ``value`` tensor of
+    the ONNX type (float32 / int64), in place.
+
+    onnx-graphsurgeon folds those attributes through numpy's default types, so ``value_float`` became a float64
+    initializer that no float32 consumer accepts (onnxruntime then refuses the model).
+    """
+    for g in all_graphs(graph):
+        for node in g.nodes:
+            if node.op != "Constant":
+                continue
+            for attribute, dtype in _SCALAR_ATTRIBUTES.items():
+                if attribute in node.attrs:
+                    values = np.array(node.attrs.pop(attribute), dtype=dtype)
+                    node.attrs["value"] = gs.Constant(f"{node.outputs[0].name}_value", values)

@@ -38,6 +38,17 @@ def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
     return [graph, *graph.subgraphs(recursive=True)]
 
 
+SUBGRAPH_SKIP_REASON = "inside an If/Loop/Scan subgraph (only the main graph is rewritten)"
+"""The skip reason reported for target nodes that a main-graph pass finds in nested subgraphs."""
+
+
+def subgraph_node_names(graph: gs.Graph, ops: tuple[str, ...]) -> list[str]:
+    """Names of the nodes of type ``ops`` in nested subgraphs (unnamed ones by their first output), which passes that
+    rewrite only the main graph leave alone and report as skipped."""
+    return [node.name or (node.outputs[0].name if node.outputs else node.op)
+            for sub in graph.subgraphs(recursive=True) for node in sub.nodes if node.op in ops]
+
+
 def unique_name(names: set[str], base: str) -> str:
     """``base``, or ``base`` with the smallest numeric suffix not in ``names``; the result is added to ``names``."""
     name, suffix = base, 1

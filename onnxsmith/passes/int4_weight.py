@@ -57,7 +57,8 @@ from onnxsmith.calibration.lsq import block_expander, train_weight_steps
 from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.calibration.observers import GramObserver, Observer
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxsmith.passes.graph_utils import export_graph, import_graph, store_as_int4
+from onnxsmith.passes.graph_utils import (SUBGRAPH_SKIP_REASON, export_graph, import_graph, store_as_int4,
+                                           subgraph_node_names)
 from onnxsmith.passes.qdq_nodes import FLOAT_TYPES, weight_site
 
 METHODS = ("rtn", "mse")
@@ -156,6 +157,8 @@ class Int4Weight(Pass):
                     layers.append(Int4Layer(node, weight, block, transposed, notes))
                     continue
             skipped[node.name] = reason
+        for name in subgraph_node_names(graph, ("MatMul", "Gemm")):
+            skipped[name] = SUBGRAPH_SKIP_REASON
         return layers, skipped
 
     def _skip_reason(self, node: gs.Node, weight: gs.Constant) -> str | None:

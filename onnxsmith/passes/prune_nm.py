@@ -36,7 +36,8 @@ import onnx_graphsurgeon as gs
 from onnxsmith.calibration.observers import ChannelEntropyObserver, ChannelNormObserver, Observer
 from onnxsmith.calibration.sparsity import SCORES, channel_factors, check_pattern, nm_mask
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.graph_utils import (SUBGRAPH_SKIP_REASON, export_graph, import_graph, subgraph_node_names,
+                                           unique_name)
 from onnxsmith.passes.qdq_nodes import weight_input_axis, weight_site
 
 
@@ -105,6 +106,8 @@ class NMSelection:
                 skipped[node.name] = f"{shape[layer.in_axis]} input channels are not a multiple of {self.m}"
             else:
                 layers.append(layer)
+        for name in subgraph_node_names(graph, ("MatMul", "Gemm", "Conv")):
+            skipped[name] = SUBGRAPH_SKIP_REASON
         return layers, skipped
 
 
@@ -180,11 +183,17 @@ class PruneNM(Pass):
         graph = import_graph(model)
         layers, skipped = self.selection.layers(graph)
         details = []
+        names = set(graph.tensors())
+        done: dict[str, list[gs.Constant]] = {}  # pruned versions of each (tied) weight, shared when equal
         for layer in layers:
             values = layer.weight.values
             mask = nm_mask(self.scoring.scores(layer, context.calibration), self.n, self.m, layer.in_axis)
             pruned = np.where(mask, values, np.zeros_like(values))
-            layer.node.inputs[1] = gs.Constant(f"{layer.weight.name}_{self.n}of{self.m}", pruned)
+            versions = done.setdefault(layer.weight.name, [])
+            same = [c for c in versions if np.array_equal(c.values, pruned)]
+            if not same:  # a tied weight pruned with another mask needs its own, uniquely named tensor
+                versions.append(gs.Constant(unique_name(names, f"{layer.weight.name}_{self.n}of{self.m}"), pruned))
+            layer.node.inputs[1] = same[0] if same else versions[-1]
             energy = values.astype(np.float64) ** 2
             kept = float(energy[mask].sum() / energy.sum()) if energy.any() else 1.0
             details.append({"node": layer.node.name, "kind": "pruned", "pattern": f"{self.n}:{self.m}",

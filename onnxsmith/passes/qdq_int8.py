@@ -24,7 +24,7 @@ from onnxsmith.calibration.range_search import search_range
 from onnxsmith.calibration.sparsity import satisfies_nm
 from onnxsmith.calibration.twin_uniform import search_twin
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.passes.graph_utils import SUBGRAPH_SKIP_REASON, export_graph, import_graph, subgraph_node_names
 from onnxsmith.passes.patterns import find_activation_sites
 from onnxsmith.passes.qdq_nodes import (
     insert_qdq,
@@ -126,6 +126,8 @@ class QuantizeInt8(Pass):
                 reason = self._place_node(node, placement)
             if reason is not None:
                 placement.skipped[node.name] = reason
+        for name in subgraph_node_names(graph, TARGET_OPS):
+            placement.skipped[name] = SUBGRAPH_SKIP_REASON
         self._place_sparse_outputs(graph, placement)
         if self.twin:
             for site in find_activation_sites(graph):
@@ -243,8 +245,10 @@ def quantize_weights(graph: gs.Graph, sites: Sequence[tuple[gs.Node, int, int]])
     for node, index, axis in sites:
         weight = node.inputs[index]
         key = (weight.name, axis)
-        if key not in dequantized:
-            dequantized[key], detail = quantize_weight(graph, weight, axis)
+        if key not in dequantized:  # a tied weight read along another axis needs its own tensor names
+            seen = any(name == weight.name for name, _ in dequantized)
+            prefix = f"{weight.name}_axis{axis}" if seen else weight.name
+            dequantized[key], detail = quantize_weight(graph, weight, axis, prefix=prefix)
             details.append(detail)
         node.inputs[index] = dequantized[key]
     return len(dequantized), details
