@@ -135,6 +135,13 @@ def test_output_in_a_missing_folder_is_exit_2(model_file, tmp_path, capsys):
     assert not (tmp_path / "no").exists()
 
 
+def test_missing_output_folder_is_refused_before_any_work(model_file, tmp_path, capsys):
+    """Checked before calibration data is even read (a long run must not end in this error)."""
+    err = one_line_error(capsys, main([str(model_file), "--recipe", "w8a8", "--calib", str(tmp_path / "nope.npz"),
+                                       "-o", str(tmp_path / "no" / "out.onnx"), "-q"]))
+    assert "output folder does not exist" in err
+
+
 # --- external data ---------------------------------------------------------------------------------------------
 
 

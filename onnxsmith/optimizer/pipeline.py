@@ -107,6 +107,8 @@ def optimize_file(
     input_path = source.path()
     output_path = Path(output) if output is not None else default_output_path(source)
     _refuse_overwriting_input(input_path, output_path)
+    if not output_path.parent.exists():  # checked again when saving; here so a long run does not end in this error
+        raise UserError(f"output folder does not exist: {output_path.parent}")
     model = load_model(input_path)
     if source.zoo is not None:
         _set_task(model, source.zoo.task)
