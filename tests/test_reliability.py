@@ -248,7 +248,7 @@ def test_default_output_beside_the_input_leaves_only_the_output(tmp_path, monkey
     assert main(["net.onnx", "--recipe", "w8a8", "--report", "rep", "-q"]) == 0
     after = snapshot(tmp_path)
     assert after["net.onnx"] == before["net.onnx"]
-    assert sorted(after) == ["net.onnx", "net.opt.onnx", "rep/report.json", "rep/report.md"]
+    assert sorted(after) == ["net.onnx", "net.opt.onnx", "rep/report.html", "rep/report.json", "rep/report.md"]
 
 
 def test_a_failing_pass_leaves_no_files(tmp_path, monkeypatch, capsys):

@@ -45,8 +45,12 @@ examples:
   optimize zoo:minilm --recipe w4a8 --learn-steps 100   INT4 weights + INT8 activations, learned steps
   optimize zoo:minilm --recipe w4a4-kd           W4A4, LSQ steps distilled layer by layer
   optimize zoo:moe-tiny --recipe moe-w8a8 --kv-cache int8   MoE W8A8 (experts on routed tokens) + int8 KV cache
+  optimize zoo:minilm --recipe w8a8 --target-metric 'cos>=0.995' --time-budget 300
+                                                 keep the fewest sensitive layers float until the target holds
+  optimize model.onnx --recipe w8a8 --calib data.npz --target-metric 'sqnr>=30'   (files: output SQNR in dB)
 
 exit codes: 0 success, 1 a pass failed or broke the model, 2 bad input (one-line message; --debug for a trace)
+  (--target-metric: 0 also when the target is not met; the best model is saved, report.json says target_met)
 """
 
 
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib", metavar="PATH",
                         help="calibration data: .npz (one array per input, first axis = samples) or a folder of "
                              ".npz files (one feed each)")
-    parser.add_argument("--report", metavar="DIR", help="write report.json and report.md into DIR")
+    parser.add_argument("--report", metavar="DIR", help="write report.json, report.md and report.html (plots) into DIR")
     parser.add_argument("--dry-run", action="store_true", help="list the planned passes and exit")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check of lossless passes")
     parser.add_argument(
@@ -137,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather", "fold-or-gather-each"],
                           help="fold shuffles into producers only, or use a Gather where folding is impossible "
                                "(one per activation, or one per layer)")
+    mixed = parser.add_argument_group("accuracy-driven mixed precision (keep the most sensitive layers float)")
+    mixed.add_argument("--target-metric", metavar="EXPR",
+                       help="e.g. cos>=0.995, ppl<=18, accuracy>=0.98, top1_agreement>=0.99, sqnr>=30 (dB, first "
+                            "output); searches the fewest float layers meeting it")
+    mixed.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", default=None,
+                       help="stop the --target-metric search when another attempt would exceed this (default 600)")
     engine = parser.add_argument_group("TensorRT engine (needs TensorRT 10 and a CUDA GPU)")
     engine.add_argument("--engine", metavar="OUT.plan", help="also build a TensorRT engine from the output")
     engine.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to load and update")
@@ -209,6 +219,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.engine:
         require_tensorrt()  # before the optimization, so a missing TensorRT costs nothing
     say = _printer(args.quiet)
+    if args.target_metric is None and args.time_budget is not None:
+        raise UserError("--time-budget needs --target-metric")
+    if args.target_metric is not None:
+        return _run_search(args, pass_options, say)
     result = optimize_file(
         args.model,
         args.output,
@@ -224,8 +238,44 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from onnxsmith.optimizer.report import write_report
 
         json_path, _ = write_report(result, args.report)
-        say(f"report: {json_path.parent}/report.{{json,md}}")
+        say(f"report: {json_path.parent}/report.{{json,md,html}}")
     _summary(result, say)
+    if args.engine:
+        _build_engine(result, args, say)
+    return 0
+
+
+def _run_search(args: argparse.Namespace, pass_options: dict[str, object], say) -> int:
+    """``--target-metric``: the mixed-precision search; prints one line per attempt and the verdict. Exit 0 even
+    when the target is missed (the best model is saved; the verdict line and report.json say so)."""
+    from onnxsmith.optimizer import mixed_precision
+
+    target = mixed_precision.Target.parse(args.target_metric)
+    if args.evaluate is False:
+        raise UserError("--target-metric needs the evaluation; drop --no-evaluate")
+    say(f"mixed precision: target {target}, time budget "
+        f"{args.time_budget or mixed_precision.DEFAULT_TIME_BUDGET:g} s")
+    attempts = []
+
+    def on_attempt(attempt) -> None:
+        attempts.append(attempt)
+        say(mixed_precision.attempt_line(len(attempts), attempt, target))
+
+    found = mixed_precision.search(
+        args.model, args.output, args.recipe, target, calib=args.calib, pass_options=pass_options,
+        time_budget=args.time_budget or mixed_precision.DEFAULT_TIME_BUDGET, verify=not args.no_verify,
+        on_attempt=on_attempt, on_record=lambda record: say(_record_line(record)), progress=not args.quiet)
+    result = found.result
+    if args.report:
+        from onnxsmith.optimizer.report import write_report
+
+        json_path, _ = write_report(result, args.report)
+        mixed_precision.write_report_section(args.report, found)
+        say(f"report: {json_path.parent}/report.{{json,md,html}}")
+    _summary(result, say)
+    if found.excluded:
+        say(f"float layers: {', '.join(found.excluded)}")
+    print(found.verdict(), file=sys.stderr)
     if args.engine:
         _build_engine(result, args, say)
     return 0
@@ -273,6 +323,16 @@ def _pattern(text: str) -> tuple[int, int]:
     if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
         raise argparse.ArgumentTypeError(f"must be N:M with 0 < N < M, e.g. 2:4, got {text!r}")
     return int(n), int(m)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
 
 
 def _non_negative(text: str) -> float:

@@ -19,7 +19,7 @@ from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.models.base import Feed, ZooModel
-from onnxsmith.optimizer.layer_fidelity import activation_sqnr
+from onnxsmith.optimizer.layer_fidelity import activation_fidelity
 from onnxsmith.optimizer.routing import routing_probe
 
 LAYER_FEEDS = 16
@@ -38,6 +38,8 @@ class Evaluation:
     (empty when the candidate quantizes no activation). For mixture-of-experts models ``routing_agreement`` is the
     fraction of (token, MoE layer) pairs whose top-1 expert is the same in both models, and
     ``routing_agreement_by_layer`` the fraction per router (keyed by its choice tensor); None / empty otherwise.
+    ``activation_histograms`` holds, for at most 32 of the quantized activations (worst SQNR first, keyed by the
+    reference tensor), a 64-bin histogram of its values on the same feeds: ``{"edges": [...], "counts": [...]}``.
     """
 
     feeds: int
@@ -48,6 +50,7 @@ class Evaluation:
     size_bytes: dict[str, int] = field(default_factory=dict)
     routing_agreement: float | None = None
     routing_agreement_by_layer: dict[str, float] = field(default_factory=dict)
+    activation_histograms: dict[str, dict[str, list]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,8 +109,8 @@ def evaluate(
     result.size_bytes = {"reference": model_file_size(reference), "candidate": model_file_size(candidate)}
     candidate_model = onnx.load(str(candidate))
     if any(node.op_type == "QuantizeLinear" for node in candidate_model.graph.node):
-        result.activation_sqnr_db = activation_sqnr(onnx.load(str(reference)), candidate_model,
-                                                    feeds[:LAYER_FEEDS], progress=progress)
+        result.activation_sqnr_db, result.activation_histograms = activation_fidelity(
+            onnx.load(str(reference)), candidate_model, feeds[:LAYER_FEEDS], progress=progress)
     return result
 
 

@@ -23,6 +23,10 @@ from onnxsmith.calibration.metrics import sqnr_db
 from onnxsmith.models.base import Feed
 
 CHAIN_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Clip", "Less", "Where"})
+HISTOGRAM_TENSORS = 32
+"""At most this many activation histograms (worst SQNR first) are kept."""
+HISTOGRAM_BINS = 64
+"""Bins of each activation histogram (before trimming empty ends)."""
 
 
 def quantized_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, tuple[str, list[str]]]:
@@ -89,13 +93,28 @@ def activation_sqnr(
     reference: onnx.ModelProto, quantized: onnx.ModelProto, feeds: Sequence[Feed], *, progress: bool = True
 ) -> dict[str, float]:
     """SQNR (dB) of each quantized input over ``feeds``, keyed as :func:`quantized_inputs`; empty if none."""
+    return activation_fidelity(reference, quantized, feeds, progress=progress, histograms=0)[0]
+
+
+def activation_fidelity(
+    reference: onnx.ModelProto, quantized: onnx.ModelProto, feeds: Sequence[Feed], *, progress: bool = True,
+    histograms: int = HISTOGRAM_TENSORS, bins: int = HISTOGRAM_BINS,
+) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    """:func:`activation_sqnr` plus a ``bins``-bin histogram of the values of at most ``histograms`` root tensors
+    ``T`` (those of the worst SQNR first), ``{T: {"edges": [bins + 1 floats], "counts": [bins ints]}}``.
+
+    The counts are exact over all ``feeds``: the bins are equal and their range grows by doubling
+    (:class:`GrowingHistogram`); empty bins at both ends are trimmed, so fewer than ``bins`` may remain.
+    """
     inputs = quantized_inputs(reference, quantized)
     if not inputs:
-        return {}
+        return {}, {}
     names = sorted({root for root, _ in inputs.values()} | {v for _, vs in inputs.values() for v in vs})
     session = create_session(with_outputs(quantized, names))
     signal = dict.fromkeys(inputs, 0.0)
     noise = dict.fromkeys(inputs, 0.0)
+    roots = sorted({root for root, _ in inputs.values()}) if histograms > 0 else []
+    grown = {root: GrowingHistogram(bins) for root in roots}
     for feed in tqdm(feeds, desc="layer SQNR", unit="batch", leave=False, disable=None if progress else True):
         values = run_session(session, feed, names)
         for label, (root, visible) in inputs.items():
@@ -103,4 +122,68 @@ def activation_sqnr(
             v = sum(values[name].astype(np.float64) for name in visible)
             signal[label] += float(np.sum(t * t))
             noise[label] += float(np.sum((v - t) ** 2))
-    return {label: sqnr_db(signal[label], noise[label]) for label in inputs}
+        for root, histogram in grown.items():
+            histogram.add(values[root])
+    sqnr = {label: sqnr_db(signal[label], noise[label]) for label in inputs}
+    worst: dict[str, float] = {}
+    for label, (root, _) in inputs.items():
+        worst[root] = min(worst.get(root, np.inf), sqnr[label])
+    chosen = sorted(grown, key=lambda root: (worst[root], root))[:histograms]
+    return sqnr, {root: grown[root].as_dict() for root in chosen if grown[root].total}
+
+
+class GrowingHistogram:
+    """An exact histogram of equal bins over a range that doubles (merging bin pairs) to fit new values.
+
+    It counts in ``FINE * bins`` bins: the first finite values set the range ``[low, low + FINE * bins * width)``;
+    a value outside it doubles ``width`` (keeping ``low``, or moving it down by the old span) until every value
+    fits. :meth:`as_dict` trims empty bins at both ends and merges runs of fine bins into at most ``bins``. Non-finite
+    values are not counted.
+    """
+
+    FINE = 16
+
+    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        self.bins = bins
+        self.fine = self.FINE * bins
+        self.counts = np.zeros(self.fine, dtype=np.int64)
+        self.low = 0.0
+        self.width = 0.0
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def add(self, values: np.ndarray) -> None:
+        x = np.asarray(values, dtype=np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if self.width == 0.0:
+            span = hi - lo
+            self.low = lo
+            self.width = (span if span > 0 else max(abs(lo), 1.0) * 1e-3) / (self.fine - 1)
+        while lo < self.low or hi >= self.low + self.fine * self.width:
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.zeros(self.fine, dtype=np.int64)
+            if lo < self.low:  # grow downwards: the old bins become the upper half
+                self.counts[self.fine // 2:] = merged
+                self.low -= self.fine * self.width
+            else:
+                self.counts[: self.fine // 2] = merged
+            self.width *= 2.0
+        index = np.minimum(((x - self.low) / self.width).astype(np.int64), self.fine - 1)
+        self.counts += np.bincount(index, minlength=self.fine)
+
+    def as_dict(self) -> dict[str, list]:
+        """``{"edges": [...], "counts": [...]}``: at most ``bins`` equal bins over the non-empty range."""
+        nonzero = np.flatnonzero(self.counts)
+        first, last = (int(nonzero[0]), int(nonzero[-1]) + 1) if nonzero.size else (0, self.fine)
+        group = -(-(last - first) // self.bins)
+        last = min(first + group * -(-(last - first) // group), self.fine)
+        counts = np.add.reduceat(self.counts[first:last], np.arange(0, last - first, group))
+        edges = self.low + self.width * np.append(np.arange(first, last, group), last)
+        return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
