@@ -40,3 +40,18 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, text, message):
 def test_unknown_recipe_name_lists_the_built_ins():
     with pytest.raises(UserError, match="built-in recipes: .*cleanup"):
         load_recipe("fastest-please")
+
+
+def test_every_built_in_recipe_round_trips_through_a_copied_file(tmp_path):
+    """A user copies a built-in recipe file and edits it: the copy loads to the same recipe and builds."""
+    from importlib.resources import files
+
+    recipes = builtin_recipes()
+    assert len(recipes) >= 15
+    for name, recipe in recipes.items():
+        copy = tmp_path / f"my-{name}.toml"
+        copy.write_text(files("onnxsmith.recipes").joinpath(f"{name}.toml").read_text())
+        loaded = load_recipe(str(copy))
+        assert (loaded.passes, loaded.options, loaded.description) == (recipe.passes, recipe.options,
+                                                                      recipe.description)
+        assert [p.name for p in loaded.build()] == [p.name for p in recipe.build()]

@@ -394,7 +394,9 @@ def _record_line(record: PassRecord) -> str:
 
 
 def _summary(result: OptimizeResult, say) -> None:
-    say(f"wrote {result.output_path} in {result.seconds:.1f} s")
+    say(f"wrote {result.output_path} in {result.seconds:.1f} s ("
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.timings().items() if name != "total")
+        + ")")
     if result.unverified_reason:
         say(f"note: lossless passes were not verified ({result.unverified_reason})")
     if result.trt_lint is not None:

@@ -57,6 +57,16 @@ class OptimizeResult:
     seconds: float
     trt_lint: list[Finding] | None = None
     """TensorRT-readiness findings on the output, when the recipe targets TensorRT (see :func:`targets_tensorrt`)."""
+    evaluation_seconds: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent calibrating, in the passes' rewrites, evaluating, in the rest (loading, verifying the
+        lossless passes, saving) and in all."""
+        calibration = sum(r.calibration_seconds for r in self.records)
+        passes = sum(r.seconds for r in self.records)
+        return {"calibration": calibration, "passes": passes, "evaluation": self.evaluation_seconds,
+                "load, verify, save": max(self.seconds - calibration - passes - self.evaluation_seconds, 0.0),
+                "total": self.seconds}
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -130,12 +140,14 @@ def optimize_file(
     save_model(result.model, output_path)
     trt_lint = lint_model(result.model) if targets_tensorrt(passes) else None
     evaluation = None
+    evaluation_start = time.perf_counter()
     if source.zoo is not None and wants_evaluation:
         evaluation = evaluate(input_path, output_path, source.zoo.evaluation_feeds(), source.zoo, progress=progress)
     elif file_eval_feeds is not None:
         evaluation = evaluate(input_path, output_path, file_eval_feeds, progress=progress)
+    evaluation_seconds = time.perf_counter() - evaluation_start if evaluation is not None else 0.0
     return OptimizeResult(spec, input_path, output_path, recipe_obj, result.records, result.unverified_reason,
-                          evaluation, time.perf_counter() - start, trt_lint)
+                          evaluation, time.perf_counter() - start, trt_lint, evaluation_seconds)
 
 
 def engine_feeds(result: OptimizeResult, calib: CalibrationSource | None) -> list[Feed]:
