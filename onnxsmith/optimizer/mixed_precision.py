@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxsmith.errors import UserError
+from onnxsmith.optimizer.report import json_ready
 
 SQNR = "sqnr"
 ALIASES = {"cos": "cosine_mean", "ppl": "perplexity", "top1": "top1_agreement", "acc": "accuracy"}
@@ -124,7 +125,7 @@ class SearchResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the ``mixed_precision`` key of report.json; non-finite floats as strings)."""
-        return _finite({
+        return json_ready({
             "target": str(self.target),
             "metric": self.target.metric,
             "target_met": self.target_met,
@@ -393,13 +394,3 @@ def attempt_line(index: int, attempt: Attempt, target: Target) -> str:
     verdict = "meets" if attempt.met else "misses"
     return (f"  attempt {index}: {attempt.k:3d} layers float  {target.metric} {attempt.metric:.4f}  "
             f"{verdict} {target}  ({attempt.seconds:.1f} s)")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value

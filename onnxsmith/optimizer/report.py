@@ -34,7 +34,7 @@ rounding alone zeroes a few percent of a dense weight)."""
 
 def report_data(result: OptimizeResult) -> dict[str, Any]:
     """The report as plain JSON-ready data (infinite SQNR written as the string 'inf')."""
-    return _finite({
+    return json_ready({
         "source": result.source,
         "input": str(result.input_path),
         "output": str(result.output_path),
@@ -381,11 +381,12 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` with non-finite floats (nested in dicts and lists) written as the strings 'inf', '-inf', 'nan'."""
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
