@@ -273,6 +273,7 @@ def _run_search(args: argparse.Namespace, pass_options: dict[str, object], say) 
         mixed_precision.write_report_section(args.report, found)
         say(f"report: {json_path.parent}/report.{{json,md,html}}")
     _summary(result, say)
+    say(f"search: {len(found.attempts)} attempts in {found.seconds:.1f} s (the timings above are the saved attempt's)")
     if found.excluded:
         say(f"float layers: {', '.join(found.excluded)}")
     print(found.verdict(), file=sys.stderr)

@@ -339,8 +339,8 @@ def search(
     assert best is not None
     chosen, result = best
     seconds = time.perf_counter() - start
-    return SearchResult(target, chosen.met, chosen.metric, chosen.excluded, attempts, ranking,
-                        replace(result, seconds=seconds), stopped, seconds)
+    return SearchResult(target, chosen.met, chosen.metric, chosen.excluded, attempts, ranking, result, stopped,
+                        seconds)
 
 
 def _preferred(target: Target, a: Attempt, b: Attempt) -> bool:
