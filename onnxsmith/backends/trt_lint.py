@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.sparsity import satisfies_nm
+from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
 from onnxsmith.passes.graph_utils import constant_value, import_graph
 
 OPSET_RANGE = (9, 24)
@@ -100,7 +101,7 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
     graph = import_graph(typed)
     opset = next((e.version for e in typed.opset_import if e.domain in ("", "ai.onnx")), 1)
     findings = [*_opset(opset), *_operators(graph, opset), *_types(typed), *_qdq(graph, opset),
-                *_gemms(graph), *_sparsity(graph)]
+                *_gemms(graph), *_sparsity(typed, graph)]
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(findings, key=lambda f: order[f.severity])
 
@@ -346,15 +347,6 @@ def _weight_axis(node: gs.Node) -> list[Finding]:
     return findings
 
 
-def _input_axis(gemm: gs.Node, rank: int) -> int:
-    """The reduction axis of a GEMM's weight of ``rank`` (as in ``qdq_nodes.weight_input_axis``)."""
-    if gemm.op == "Conv":
-        return 1
-    if gemm.op == "Gemm":
-        return 1 if gemm.attrs.get("transB", 0) else 0
-    return rank - 2
-
-
 def _output_axis(gemm: gs.Node, rank: int) -> int | None:
     if gemm.op == "Conv":
         return 0
@@ -382,52 +374,32 @@ def _gemms(graph: gs.Graph) -> list[Finding]:
     return findings
 
 
-def _sparsity(graph: gs.Graph) -> list[Finding]:
-    """2:4 weights: along the input axis, quantized output for sparse INT8, Conv form for sparse tactics."""
+def _sparsity(model: onnx.ModelProto, graph: gs.Graph) -> list[Finding]:
+    """2:4 weights (found by :func:`~onnxsmith.optimizer.inspect_sparsity.inspect_sparsity`): along the input axis,
+    quantized output for sparse INT8, Conv form for sparse tactics."""
+    nodes = {node.name or node.outputs[0].name: node for node in graph.nodes}
+    tensors = graph.tensors()
     findings = []
-    for node in graph.nodes:
-        if node.op not in GEMM_OPS or len(node.inputs) < 2:
-            continue
-        found = _weight_values(node)
-        if found is None:
-            continue
-        values, in_axis, out_axis = found
-        sparse_in = values.ndim >= 2 and satisfies_nm(values, 2, 4, in_axis)
-        if not sparse_in and out_axis is not None and values.ndim >= 2 and np.any(values == 0) \
-                and satisfies_nm(values, 2, 4, out_axis):
-            findings.append(Finding("warning", "sparse-axis", node.name, "weight is 2:4 along the output channels, "
-                                    "not along the input channels TensorRT's sparse kernels read",
-                                    "prune along the input axis (prune-nm)"))
-        if not sparse_in:
+    for row in inspect_sparsity(model, [(2, 4)]):
+        node = nodes[row.node]
+        if row.pattern != "2:4":
+            values = np.asarray(tensors[row.weight].values)
+            out_axis = 0 if row.op == "Conv" else {values.ndim - 2: values.ndim - 1,
+                                                   values.ndim - 1: values.ndim - 2}.get(row.axis)
+            if out_axis is not None and np.any(values == 0) and satisfies_nm(values, 2, 4, out_axis):
+                findings.append(Finding("warning", "sparse-axis", row.node, "weight is 2:4 along the output "
+                                        "channels, not along the input channels TensorRT's sparse kernels read",
+                                        "prune along the input axis (prune-nm)"))
             continue
         if _dequantized_source(node.inputs[0]) is not None and not _output_quantized(node):
-            findings.append(Finding("warning", "sparse-int8-output", node.name, "sparse INT8 GEMM with a float "
+            findings.append(Finding("warning", "sparse-int8-output", row.node, "sparse INT8 GEMM with a float "
                                     "output: TensorRT's sparse INT8 kernels need INT8 in and out",
                                     "quantize its output too (int8-qdq sparse_outputs=true, recipe esparse24-w8a8)"))
-        if node.op != "Conv":
-            findings.append(Finding("info", "sparse-matmul-form", node.name, f"2:4 {node.op}: TensorRT seldom "
+        if row.op != "Conv":
+            findings.append(Finding("info", "sparse-matmul-form", row.node, f"2:4 {row.op}: TensorRT seldom "
                                     "picks sparse tactics for MatMul", "rewrite as a 1x1 Conv "
                                     "(sparse-gemm-to-conv pass)"))
     return findings
-
-
-def _weight_values(node: gs.Node) -> tuple[np.ndarray, int, int | None] | None:
-    """The GEMM's constant weight (levels of a DQ'd one), its input axis and output axis; None for activations."""
-    tensor, transposed = node.inputs[1], None
-    while not isinstance(tensor, gs.Constant):
-        producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is None or producer.op not in ("DequantizeLinear", "Transpose", "Identity", "Cast"):
-            return None
-        if producer.op == "Transpose":
-            transposed = producer
-        tensor = producer.inputs[0]
-    values = np.asarray(tensor.values)
-    if values.dtype.kind not in "fiu" or values.ndim < 2:
-        return None
-    if transposed is not None:
-        perm = transposed.attrs.get("perm", list(reversed(range(values.ndim))))
-        return values, perm[-2], perm[-1]
-    return values, _input_axis(node, values.ndim), _output_axis(node, values.ndim)
 
 
 def _dequantized_source(tensor: gs.Tensor) -> int | None:
