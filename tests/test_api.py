@@ -11,12 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxsmith
 from onnxsmith.errors import UserError
-
-torch = pytest.importorskip("torch")
 
 RNG = np.random.default_rng(0)
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsmith.optimizer import model_io
@@ -308,7 +309,6 @@ def test_dynamic_and_symbolic_shapes(tmp_path, recipe):
 
 @pytest.fixture(scope="module")
 def torch_exports(tmp_path_factory):
-    torch = pytest.importorskip("torch")
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -329,14 +329,11 @@ def torch_exports(tmp_path_factory):
     paths["torchscript"] = folder / "torchscript.onnx"
     torch.onnx.export(module, (example,), str(paths["torchscript"]), dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "batch"}}, opset_version=17)
-    try:
-        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["x"], output_names=["y"],
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18,
-                                    verbose=False)
-        paths["dynamo"] = folder / "dynamo.onnx"
-        program.save(str(paths["dynamo"]))
-    except Exception as exc:  # noqa: BLE001 - the dynamo exporter needs onnxscript
-        pytest.skip(f"dynamo exporter unavailable: {exc}")
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=["x"], output_names=["y"],
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18,
+                                verbose=False)
+    paths["dynamo"] = folder / "dynamo.onnx"
+    program.save(str(paths["dynamo"]))
     return paths, module, example
 
 

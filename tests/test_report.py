@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from onnxsmith.optimizer import report_plots
 from onnxsmith.optimizer.layer_fidelity import GrowingHistogram
@@ -244,16 +245,45 @@ def test_growing_histogram_counts_exactly():
 
 
 CHROMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+COLOURED = 30
+"""Least spread (max minus min channel) of a chart's colour in a screenshot: the quantization-range lines and the
+coloured bars have 60 or more, the twin-uniform R2 shading 35; a failed pass's pink table row 21; text, grey bars
+and table borders 7 or less."""
+
+
+def _screenshot(page: Path, folder: Path, width: int, height: int) -> np.ndarray:
+    """RGB pixels of ``page`` drawn by headless Chromium in a ``width`` x ``height`` window."""
+    binary = next((found for name in CHROMES if (found := shutil.which(name))), None)
+    if binary is None:
+        pytest.fail(f"no headless browser on PATH (looked for {', '.join(CHROMES)}); install one: "
+                    "apt-get install chromium")
+    shot = folder / "shot.png"
+    run = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--hide-scrollbars", f"--user-data-dir={folder / 'profile'}",
+                          f"--window-size={width},{height}", f"--screenshot={shot}", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-3000:]  # stderr is DBus noise unless this fails
+    with Image.open(shot) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _bands(rows: np.ndarray, gap: int = 16, least: int = 32) -> list[tuple[int, int]]:
+    """(first, last) index of each run of True in ``rows`` at least ``least`` long, runs at most ``gap`` apart
+    merged."""
+    hits = np.flatnonzero(rows)
+    breaks = np.flatnonzero(np.diff(hits) > gap + 1)
+    runs = zip(hits[np.r_[0, breaks + 1]], hits[np.r_[breaks, len(hits) - 1]]) if len(hits) else ()
+    return [(int(first), int(last)) for first, last in runs if last - first + 1 >= least]
 
 
 def test_page_renders_in_headless_chromium(twin_run, tmp_path):
-    binary = next((found for name in CHROMES if (found := shutil.which(name))), None)
-    if binary is None:
-        pytest.skip(f"no headless browser on PATH (looked for {', '.join(CHROMES)})")
-    shot = tmp_path / "shot.png"
-    subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,4000",
-                    f"--screenshot={shot}", (twin_run / "report.html").resolve().as_uri()],
-                   check=True, timeout=120, capture_output=True)
-    data = shot.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and struct.unpack(">II", data[16:24]) == (1200, 4000)
-    assert len(data) > 50_000  # a blank page compresses to a few kB; charts and tables do not
+    """In a 480 px wide window the charts stack one under another, so the screenshot holds one band of rows with
+    coloured pixels (bars, range lines, shading) per embedded image, plus one for the navigation's blue links."""
+    data, page = _load(twin_run)
+    images = sum(len(section["images"]) for section in page.sections.values())
+    assert images == 2 + len(data["evaluation"]["activation_histograms"])  # layer SQNR, histograms, size/latency
+    pixels = _screenshot(twin_run / "report.html", tmp_path, 480, 2000 + 300 * images)
+    assert (pixels[-200:] >= 250).all(), "the page is taller than the window: raise the screenshot's height"
+    assert (pixels[:150] < 96).all(axis=2).sum() > 1000, "no title text drawn: are fonts installed?"
+    bands = _bands((pixels.max(axis=2) - pixels.min(axis=2) >= COLOURED).any(axis=1))
+    assert len(bands) == images + 1, f"{len(bands)} bands of coloured rows for {images} charts: {bands}"

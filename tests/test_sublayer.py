@@ -119,7 +119,7 @@ def test_finer_grids_reach_lower_error_and_chunking_is_invisible():
         whole = search_layer(x, w, w_bits=4, a_bits=8, weight_grid=grid, chunk_rows=None, **FAST)
         chunked = search_layer(x, w, w_bits=4, a_bits=8, weight_grid=grid, chunk_rows=17, **FAST)
         assert np.array_equal(whole.weight_scale, chunked.weight_scale)
-        assert chunked.history == pytest.approx(whole.history, rel=1e-12)
+        assert chunked.history == pytest.approx(whole.history, rel=1e-6)  # float32 sums in another order
         errors[spec] = whole.metric_value
     assert errors["allx3"] < errors["2x3"] < errors["2x1"] < errors["per-tensor"]
 

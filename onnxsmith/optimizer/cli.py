@@ -391,6 +391,8 @@ def _record_line(record: PassRecord) -> str:
     if record.verification:
         verified = f"  verified max|Δ|={record.verification['max_abs_error']:.2g}"
     state = "changed" if record.modified else "no change"
+    if record.skipped:
+        state, changes = "skipped", record.skipped
     return f"  {record.name:28} {record.seconds:7.2f} s  {state:9} {changes}{verified}"
 
 

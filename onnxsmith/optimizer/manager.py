@@ -1,8 +1,12 @@
 """The pass manager: plans a pass list, runs it, checks and verifies every step, and records what happened.
 
-After each pass it runs ``onnx.checker``; after each lossless pass it compares onnxruntime outputs before and
-after on probe feeds against the pass's declared tolerance. Any failure raises :class:`PassError` naming the
-pass and the passes that ran before it. The records are written into the model's ``metadata_props``.
+After each pass it runs ``onnx.checker``; when verifying, it checks the ``value_info`` a pass added or changed
+against the shapes onnxruntime computes on the probe feeds, runs the result, and after each lossless pass
+compares outputs before and after against the pass's declared tolerance. A result that fails gives way to the
+pass's declared fallbacks; an optional pass with no result that verifies is skipped; any other failure raises
+:class:`PassError` naming the pass and the passes that ran before it. Without verification, the ``value_info``
+passes added is removed before the model is returned. The records are written into the model's
+``metadata_props``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from onnxsmith.errors import PassError, first_line
 from onnxsmith.models.base import Feed, Outputs
 from onnxsmith.optimizer.model_io import check_model
 from onnxsmith.optimizer.pass_base import Pass, PassContext, PreconditionError, default_opset
-from onnxsmith.optimizer.verification import compare_outputs, generated_probe_feeds, reference_outputs
+from onnxsmith.optimizer.verification import (
+    ValueInfoConflict,
+    changed_value_info,
+    compare_outputs,
+    generated_probe_feeds,
+    reference_outputs,
+    relax_value_info,
+    value_info_conflicts,
+    value_info_snapshot,
+)
 from onnxsmith.passes.upgrade_opset import UpgradeOpset
 
 log = logging.getLogger(__name__)
@@ -45,6 +58,10 @@ class PassRecord:
     verification: dict[str, Any] | None = None
     calibration_seconds: float = 0.0
     details: list[dict[str, Any]] = field(default_factory=list)
+    fallback: str | None = None
+    """The label of the lesser result used because the pass's own result failed verification."""
+    skipped: str | None = None
+    """Why an optional pass's work was dropped (the model went on as it was given)."""
 
 
 @dataclass
@@ -97,6 +114,7 @@ class PassManager:
         """Run the planned passes on ``model`` (which may be edited in place) and return the result."""
         context = context or PassContext()
         plan = plan_passes(model, self.passes)
+        given_value_info = value_info_snapshot(model)
         probes, reference, unverified_reason = self._initial_reference(model, plan)
         records: list[PassRecord] = []
         for p in plan:
@@ -104,6 +122,8 @@ class PassManager:
             records.append(record)
             if self.on_record is not None:
                 self.on_record(record)
+        if reference is None:
+            _keep_given_value_info(model, given_value_info)
         write_provenance(model, records)
         return ManagerResult(model, records, unverified_reason)
 
@@ -138,37 +158,100 @@ class PassManager:
             raise PassError(f"{exc}{where}") from exc
         nodes_before = len(model.graph.node)
         calibration_seconds = self._calibrate(p, model, context, where)
+        value_info_before = value_info_snapshot(model)
         start = time.perf_counter()
         try:
             result = p.run(model, context)
         except Exception as exc:
+            if p.optional:
+                return model, self._skipped(p, model, first_line(exc), time.perf_counter() - start), reference
             raise PassError(f"pass {p.name!r} failed: {first_line(exc)}{where}") from exc
         seconds = time.perf_counter() - start
-        model = result.model
+        candidates = [(None, result), *result.fallbacks]
+        failures: list[PassError] = []
+        for index, (label, candidate) in enumerate(candidates):
+            last = index == len(candidates) - 1
+            try:
+                verification, relaxed, after = self._verify(p, value_info_before, candidate.model, candidate.modified,
+                                                            probes, reference, where, relax=last)
+            except PassError as exc:
+                failures.append(exc)
+                continue
+            record = PassRecord(p.name, p.lossless, seconds, candidate.modified, nodes_before,
+                                len(candidate.model.graph.node), dict(candidate.changes), verification,
+                                calibration_seconds, list(candidate.details))
+            if failures:
+                record.fallback = label
+                record.changes["fallback"] = label
+                record.details += [{"kind": "fallback", "reason": str(f)} for f in failures]
+                log.warning("pass %r: using its fallback %r (%s)", p.name, label, first_line(failures[0]))
+            if relaxed:
+                record.changes["value_info_relaxed"] = len(relaxed)
+                record.details += [{"tensor": name, "kind": "value_info-relaxed", "reason": conflict.reason}
+                                   for name, conflict in relaxed.items()]
+                log.warning("pass %r declared %d tensor shapes onnxruntime contradicts; removed them (e.g. %r: %s)",
+                            p.name, len(relaxed), *next(iter((n, c.reason) for n, c in relaxed.items())))
+            return candidate.model, record, after
+        if p.optional:
+            return model, self._skipped(p, model, "; ".join(str(f) for f in failures), seconds), reference
+        raise failures[0]
+
+    def _verify(
+        self,
+        p: Pass,
+        value_info_before: dict[str, bytes],
+        model: onnx.ModelProto,
+        modified: bool,
+        probes: list[Feed],
+        reference: list[Outputs] | None,
+        where: str,
+        *,
+        relax: bool,
+    ) -> tuple[dict[str, Any] | None, dict[str, ValueInfoConflict], list[Outputs] | None]:
+        """Check one result of ``p``: ``onnx.checker``; then, when verifying, its new ``value_info`` against
+        onnxruntime (contradicted entries fail the result, or with ``relax`` lose their shape), that onnxruntime
+        runs it, and for a lossless pass that outputs stay within tolerance. Returns the comparison, the relaxed
+        entries and the new reference outputs; raises :class:`PassError` naming what failed."""
         try:
             check_model(model)
         except onnx.checker.ValidationError as exc:
             raise PassError(f"pass {p.name!r} produced an invalid model: {first_line(exc)}{where}") from exc
-        record = PassRecord(p.name, p.lossless, seconds, result.modified, nodes_before, len(model.graph.node),
-                            dict(result.changes), calibration_seconds=calibration_seconds,
-                            details=list(result.details))
-        if reference is None or (p.lossless and not result.modified):
-            return model, record, reference
+        if reference is None or (p.lossless and not modified):
+            return None, {}, reference
+        relaxed: dict[str, ValueInfoConflict] = {}
+        changed = changed_value_info(value_info_before, model)
+        try:
+            conflicts = value_info_conflicts(model, changed, probes) if changed else {}
+        except Exception as exc:
+            raise PassError(f"pass {p.name!r} produced a model onnxruntime cannot run: {first_line(exc)}{where}") from exc
+        if conflicts and not relax:
+            name, conflict = next(iter(conflicts.items()))
+            raise PassError(f"pass {p.name!r} declared {len(conflicts)} tensor shapes onnxruntime contradicts "
+                            f"(e.g. {name!r}: {conflict.reason}){where}")
+        if conflicts:
+            relax_value_info(model, conflicts)
+            relaxed = conflicts
         try:
             after = reference_outputs(model, probes)
         except Exception as exc:
             raise PassError(f"pass {p.name!r} produced a model onnxruntime cannot run: {first_line(exc)}{where}") from exc
-        if p.lossless:
-            comparison = compare_outputs(reference, after, p.tolerance)
-            record.verification = {**comparison.as_dict(), "atol": p.tolerance.atol, "rtol": p.tolerance.rtol}
-            if not comparison.within_tolerance:
-                raise PassError(
-                    f"lossless pass {p.name!r} changed output {comparison.worst_output!r}: max abs error "
-                    f"{comparison.max_abs_error:.3g} (relative {comparison.max_rel_error:.3g}) exceeds "
-                    f"atol {p.tolerance.atol:g} + rtol {p.tolerance.rtol:g}{where}"
-                )
-        return model, record, after
+        if not p.lossless:
+            return None, relaxed, after
+        comparison = compare_outputs(reference, after, p.tolerance)
+        if not comparison.within_tolerance:
+            raise PassError(
+                f"lossless pass {p.name!r} changed output {comparison.worst_output!r}: max abs error "
+                f"{comparison.max_abs_error:.3g} (relative {comparison.max_rel_error:.3g}) exceeds "
+                f"atol {p.tolerance.atol:g} + rtol {p.tolerance.rtol:g}{where}"
+            )
+        return {**comparison.as_dict(), "atol": p.tolerance.atol, "rtol": p.tolerance.rtol}, relaxed, after
 
+    @staticmethod
+    def _skipped(p: Pass, model: onnx.ModelProto, reason: str, seconds: float) -> PassRecord:
+        """The record of an optional pass whose work was dropped: the model stays as it was given."""
+        log.warning("optional pass %r skipped: %s", p.name, reason)
+        nodes = len(model.graph.node)
+        return PassRecord(p.name, p.lossless, seconds, False, nodes, nodes, skipped=reason)
 
     @staticmethod
     def _calibrate(p: Pass, model: onnx.ModelProto, context: PassContext, where: str) -> float:
@@ -207,6 +290,19 @@ def read_provenance(model: onnx.ModelProto) -> list[dict[str, Any]]:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
     return []
+
+
+def _keep_given_value_info(model: onnx.ModelProto, given: dict[str, bytes]) -> None:
+    """Undo the ``value_info`` passes added or changed (unverified shapes never reach an output): entries the
+    input declared come back as it declared them, new ones go."""
+    kept = []
+    for info in model.graph.value_info:
+        if info.name in given:
+            kept.append(onnx.ValueInfoProto.FromString(given[info.name]))
+    if len(kept) < len(model.graph.value_info):
+        log.info("removing %d unverified value_info entries", len(model.graph.value_info) - len(kept))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def _after(done: Sequence[PassRecord]) -> str:

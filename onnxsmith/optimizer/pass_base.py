@@ -64,6 +64,9 @@ class PassResult:
     changes: dict[str, int | float | str] = field(default_factory=dict)
     details: list[dict[str, Any]] = field(default_factory=list)
     """Per-item facts for the report (e.g. one entry per quantized tensor); not stored in the model."""
+    fallbacks: list[tuple[str, PassResult]] = field(default_factory=list)
+    """Lesser results, best first, each with a label saying what it is (e.g. ``"onnx shapes"``): the manager
+    takes the first that passes verification when this one does not."""
 
 
 class PreconditionError(Exception):
@@ -75,8 +78,10 @@ class Pass(ABC):
 
     Class attributes declare the contract: ``name`` (kebab-case, as used in recipes), ``description`` (one
     line), ``lossless`` (outputs must stay within ``tolerance``, checked by the manager), ``min_opset`` (the
-    manager upgrades the model first when it is older) and ``needs_calibration`` (the context must carry
-    calibration results).
+    manager upgrades the model first when it is older), ``needs_calibration`` (the context must carry
+    calibration results) and ``optional`` (an analysis the run can do without: when it raises or none of its
+    results passes verification, the manager keeps the model it was given, records the pass as skipped with the
+    reason and goes on; an optional pass must not edit its input in place).
     """
 
     name: ClassVar[str]
@@ -85,6 +90,7 @@ class Pass(ABC):
     tolerance: ClassVar[Tolerance] = Tolerance()
     min_opset: ClassVar[int | None] = None
     needs_calibration: ClassVar[bool] = False
+    optional: ClassVar[bool] = False
 
     def requires(self, model: onnx.ModelProto, context: PassContext) -> None:
         """Raise :class:`PreconditionError` if the model or context cannot be rewritten by this pass."""

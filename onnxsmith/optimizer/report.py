@@ -95,7 +95,7 @@ def markdown(data: dict[str, Any]) -> str:
     for record in data["passes"]:
         verification = record["verification"]
         error = f"{verification['max_abs_error']:.3g}" if verification else "-"
-        changes = ", ".join(f"{k}={v}" for k, v in record["changes"].items()) or "-"
+        changes = _changes_text(record)
         lines.append(
             f"| {record['name']} | {'yes' if record['lossless'] else 'no'} | {record['seconds']:.3f} | "
             f"{'yes' if record['modified'] else 'no'} | {record['nodes_before']} → {record['nodes_after']} | "
@@ -253,7 +253,7 @@ def _html_passes(data: dict[str, Any]) -> str:
                                                               else " (over tolerance)")
         else:
             error = "-"
-        changes = ", ".join(f"{k}={v}" for k, v in record["changes"].items()) or "-"
+        changes = _changes_text(record)
         rows.append([record["name"], "yes" if record["lossless"] else "no", f"{record['seconds']:.3f}",
                      f"{record.get('calibration_seconds', 0.0):.3f}", "yes" if record["modified"] else "no",
                      f"{record['nodes_before']} → {record['nodes_after']}", changes, error])
@@ -390,3 +390,10 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, list):
         return [json_ready(v) for v in value]
     return value
+
+
+def _changes_text(record: dict) -> str:
+    """A pass record's change counts as ``k=v`` pairs, or why an optional pass was skipped."""
+    if record.get("skipped"):
+        return f"skipped: {record['skipped']}"
+    return ", ".join(f"{k}={v}" for k, v in record["changes"].items()) or "-"
