@@ -135,6 +135,23 @@ def test_conv_is_searched_as_its_im2col_gemm():
     assert record.changes["layers_searched"] == 2
 
 
+def test_search_rows_are_drawn_evenly_from_every_sample_and_match_the_gradient_rows():
+    feeds = feeds_for((2, 3, 8, 8), count=3)  # 2 x 64 output positions per sample
+    cleaned = PassManager(load_recipe("cleanup").build()).run(graphs.conv_bn_relu(), PassContext()).model
+    first = PtqQuantize().layers(import_graph(cleaned))[0][0]
+    samples = [f["x"] for f in feeds]
+    grads = [np.arange(2 * 8 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 8) + 1000 * i for i in range(3)]
+    x_all, w, g_all = _as_gemm(first, samples, grads)
+    assert len(x_all) == len(g_all) == 3 * 128
+    x, w_sub, g = _as_gemm(first, samples, grads, max_rows=60)
+    np.testing.assert_array_equal(w_sub, w)
+    assert len(x) == len(g) == 60  # 20 per sample
+    picked = [int(np.flatnonzero((x_all == row).all(axis=1))[0]) for row in x]
+    assert [p // 128 for p in picked] == [0] * 20 + [1] * 20 + [2] * 20
+    np.testing.assert_array_equal(g, g_all[picked])
+    assert _as_gemm(first, samples, grads, max_rows=10_000)[0].shape == x_all.shape
+
+
 def test_hessian_gradients_match_torch_autograd_and_are_nonzero():
     model = graphs.matmul_add_gelu()
     feeds = feeds_for((2, 5, 16), count=2)

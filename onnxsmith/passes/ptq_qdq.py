@@ -11,7 +11,9 @@ activation x activation MatMuls :func:`search_activation_matmul`, with ``metric`
 ``samples`` calibration feeds, over the grid ``Δ0 * (alpha + i (beta - alpha) / n)`` for ``rounds`` alternating
 rounds (``rounds=0``: the initial max-based steps, no search). Conv layers are searched as their im2col GEMM
 (2-D, ungrouped, explicit symmetric padding); Gemm with ``transA`` reads its transposed input. Any other
-layout keeps the initial steps and is reported as not searched.
+layout keeps the initial steps and is reported as not searched. A layer's GEMM rows (tokens, a Conv's output
+positions) are at most ``search_rows``, drawn evenly from every sample at fixed-seed random positions (0: all):
+a detector's 320 x 320 feature maps give 100k rows a sample, which the search does not need.
 
 Numerics: weights are ``wbits``-bit symmetric (levels ``±2**(wbits-1)``, stored in int8 with zero point 0);
 activations ``abits``-bit symmetric per tensor, stored as ``act_dtype`` (uint8 with zero point 128 for
@@ -147,6 +149,7 @@ class PtqQuantize(Pass):
         learn_steps: int = 0,
         learn_lr: float = 5e-3,
         learn_rows: int = 512,
+        search_rows: int = 8192,
         scale_gradient: str = "lsq",
         rounding: str = "nearest",
         activation_matmuls: bool = True,
@@ -188,6 +191,9 @@ class PtqQuantize(Pass):
         self.block_size, self.weight_dtype = block_size, weight_dtype
         self.learn_steps, self.learn_lr, self.scale_gradient = learn_steps, learn_lr, scale_gradient
         self.learn_rows = learn_rows
+        if not isinstance(search_rows, int) or search_rows < 0:
+            raise ValueError(f"search_rows must be a non-negative integer, got {search_rows!r}")
+        self.search_rows = search_rows
         if rounding not in ("nearest", "gptq"):
             raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
         self.rounding = rounding
@@ -278,7 +284,7 @@ class PtqQuantize(Pass):
                                               quantizers=(quantizers[a], quantizers[b]), **options)
             return LayerPlan(None, {a: result.a_scale, b: result.b_scale}, self.rounds > 0, result.metric_value)
         (index,) = layer.act_inputs
-        matrices = _as_gemm(layer, samples[index], grads)
+        matrices = _as_gemm(layer, samples[index], grads, self.search_rows)
         if matrices is None:
             return self._initial_plan(layer, index, quantizers[index], samples[index])
         x, w, g = matrices
@@ -395,35 +401,46 @@ def _feature_axis(layer: Layer) -> int:
 
 
 def _as_gemm(
-    layer: Layer, samples: list[np.ndarray], grads: list[np.ndarray] | None
+    layer: Layer, samples: list[np.ndarray], grads: list[np.ndarray] | None, max_rows: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """The layer as ``O = X @ W``: input rows ``X [R, K]``, ``W [K, N]`` and gradient rows ``G [R, N]``.
+    """The layer as ``O = X @ W``: input rows ``X [R, K]``, ``W [K, N]`` and gradient rows ``G [R, N]``, with at
+    most ``max_rows`` rows (0: all) taken evenly from the samples at fixed-seed random positions, the same in ``X``
+    and ``G``.
 
     None when the layout has no such form here (Conv other than 2-D ungrouped with explicit symmetric pads).
     """
     node = layer.node
     reader, index, _ = layer.weight
     constant = np.asarray(reader.inputs[index].values, dtype=np.float32)
-    g = None
+    g_parts = None
     if grads is not None:  # Conv gradients are [B, M, H, W]: channels last, then rows
-        g = np.concatenate([_rows(np.moveaxis(gr, 1, -1) if node.op == "Conv" else gr) for gr in grads])
+        g_parts = [_rows(np.moveaxis(gr, 1, -1) if node.op == "Conv" else gr) for gr in grads]
     if node.op == "Conv":
-        rows = _conv_rows(node, constant, samples)
-        return None if rows is None else (rows, constant.reshape(constant.shape[0], -1).T, g)
-    if reader is not node:  # MatMul reading Transpose(constant)
-        perm = reader.attrs.get("perm", list(reversed(range(constant.ndim))))
-        w = np.transpose(constant, perm)
-    elif node.op == "Gemm":
-        w = constant.T if node.attrs.get("transB", 0) else constant
+        if _conv_layout(node, constant) is None:
+            return None
+        x_parts = (_conv_rows(node, constant, s) for s in samples)
+        w = constant.reshape(constant.shape[0], -1).T
     else:
-        w = constant
-    if w.ndim != 2:
-        return None
-    if node.op == "Gemm" and node.attrs.get("transA", 0):
-        x = np.concatenate([s.T for s in samples])
-    else:
-        x = np.concatenate([_rows(s) for s in samples])
-    return x, w, g
+        if reader is not node:  # MatMul reading Transpose(constant)
+            perm = reader.attrs.get("perm", list(reversed(range(constant.ndim))))
+            w = np.transpose(constant, perm)
+        elif node.op == "Gemm":
+            w = constant.T if node.attrs.get("transB", 0) else constant
+        else:
+            w = constant
+        if w.ndim != 2:
+            return None
+        transposed = node.op == "Gemm" and node.attrs.get("transA", 0)
+        x_parts = (s.T if transposed else _rows(s) for s in samples)
+    per_sample = -(-max_rows // len(samples)) if max_rows else 0
+    rng = np.random.default_rng(0)
+    xs, gs_ = [], []
+    for i, x in enumerate(x_parts):
+        keep = np.sort(rng.choice(len(x), per_sample, replace=False)) if 0 < per_sample < len(x) else slice(None)
+        xs.append(x[keep])
+        if g_parts is not None:
+            gs_.append(g_parts[i][keep])
+    return np.concatenate(xs), w, None if g_parts is None else np.concatenate(gs_)
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -431,15 +448,18 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1, array.shape[-1])
 
 
-def _conv_rows(node: gs.Node, weight: np.ndarray, samples: list[np.ndarray]) -> np.ndarray | None:
-    """im2col rows ``[B * L, C * kh * kw]`` of a 2-D ungrouped Conv's inputs (None for other Convs)."""
+def _conv_layout(node: gs.Node, weight: np.ndarray) -> dict | None:
+    """``F.unfold`` options of a 2-D ungrouped Conv with explicit symmetric pads (None for other Convs)."""
     if weight.ndim != 4 or node.attrs.get("group", 1) != 1 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
         return None
     pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
     if pads[:2] != pads[2:]:
         return None
-    options = dict(kernel_size=tuple(weight.shape[2:]), dilation=tuple(node.attrs.get("dilations", [1, 1])),
-                   padding=tuple(pads[:2]), stride=tuple(node.attrs.get("strides", [1, 1])))
-    rows = [F.unfold(torch.from_numpy(s), **options).transpose(1, 2).reshape(-1, weight[0].size).numpy()
-            for s in samples]
-    return np.concatenate(rows)
+    return dict(kernel_size=tuple(weight.shape[2:]), dilation=tuple(node.attrs.get("dilations", [1, 1])),
+                padding=tuple(pads[:2]), stride=tuple(node.attrs.get("strides", [1, 1])))
+
+
+def _conv_rows(node: gs.Node, weight: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """im2col rows ``[B * L, C * kh * kw]`` of one input sample of a Conv that :func:`_conv_layout` accepts."""
+    options = _conv_layout(node, weight)
+    return F.unfold(torch.from_numpy(sample), **options).transpose(1, 2).reshape(-1, weight[0].size).numpy()
