@@ -190,6 +190,24 @@ def test_gradient_request_only_for_the_hessian_metric():
     assert sorted(request.observers) == ["h", "o"] and request.loss == "contrastive"
 
 
+def test_hessian_search_without_gradients_falls_back_to_cosine_and_says_why(monkeypatch):
+    import onnxsmith.optimizer.manager as manager
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("TorchGraph does not support op ai.onnx::Mish (node 'm')")
+
+    monkeypatch.setattr(manager, "collect_gradients", unsupported)
+    model = graphs.matmul_add_gelu()
+    feeds = feeds_for((2, 5, 16), count=2)
+    quantized, record = quantize(model, feeds, metric="hessian", rounds=1, n=10)
+    assert record.changes["metric"] == "cosine" and record.changes["metric_fallback"] == "hessian -> cosine"
+    assert {"kind": "fallback", "reason": "hessian metric needs gradients, which are unavailable: TorchGraph does "
+            "not support op ai.onnx::Mish (node 'm')"} in record.details
+    assert record.changes["layers_searched"] > 0
+    assert all(d["metric"] == "cosine" for d in record.details if d.get("kind") == "layer")
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+
+
 def test_activation_matmul_search_picks_the_brute_force_optimum():
     rng = np.random.default_rng(0)
     a = [rng.standard_t(3, (2, 6, 6)).astype(np.float32) for _ in range(3)]

@@ -260,14 +260,23 @@ class PassManager:
         if not p.needs_calibration:
             return 0.0
         start = time.perf_counter()
+        context.gradients, context.gradients_unavailable = None, None
         try:
             context.calibration = collect(model, p.calibration_request(model), context.calibration_data,
                                           progress=context.progress)
             request = p.gradient_request(model)
-            context.gradients = None if request is None else collect_gradients(
-                model, request.observers, context.calibration_data, loss=request.loss, progress=context.progress)
         except Exception as exc:  # onnxruntime and observer errors alike: name the pass, keep the cause
             raise PassError(f"calibration for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
+        if request is not None:
+            try:
+                context.gradients = collect_gradients(model, request.observers, context.calibration_data,
+                                                      loss=request.loss, progress=context.progress)
+            except Exception as exc:
+                if request.fallback is None:
+                    raise PassError(f"gradients for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
+                context.gradients_unavailable = first_line(exc)
+                log.warning("pass %r goes on with the %s: its gradients are unavailable (%s)", p.name,
+                            request.fallback, context.gradients_unavailable)
         return time.perf_counter() - start
 
 

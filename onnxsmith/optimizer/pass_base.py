@@ -43,16 +43,21 @@ class PassContext:
     calibration: Mapping[str, Observer] | None = None
     gradients: Mapping[str, Observer] | None = None
     """Observers of loss gradients ``dL/dT`` the pass asked for with :meth:`Pass.gradient_request`."""
+    gradients_unavailable: str | None = None
+    """Why the gradients a pass asked for with a fallback could not be computed (``gradients`` is then None)."""
     progress: bool = True
 
 
 @dataclass
 class GradientRequest:
-    """Observers keyed by the tensor ``T`` whose gradient ``dL/dT`` each must watch, and the loss ``L``
-    (a name from :data:`onnxsmith.calibration.gradients.LOSSES`)."""
+    """Observers keyed by the tensor ``T`` whose gradient ``dL/dT`` each must watch, the loss ``L`` (a name from
+    :data:`onnxsmith.calibration.gradients.LOSSES`) and the pass's way on without them."""
 
     observers: dict[str, Observer]
     loss: str = "auto"
+    fallback: str | None = None
+    """What the pass does without the gradients (e.g. ``"cosine metric"``); ``None``: it needs them, and a
+    failure to compute them fails the run."""
 
 
 @dataclass

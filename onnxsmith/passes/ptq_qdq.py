@@ -7,7 +7,8 @@ tensor read by three projections gets three groups, each with its layer's step).
 
 Search (:mod:`onnxsmith.calibration.scale_search`): weight layers ``O = X @ W`` run :func:`search_layer`,
 activation x activation MatMuls :func:`search_activation_matmul`, with ``metric`` ``"mse"``, ``"cosine"`` or
-``"hessian"`` (``G = dL/dO`` from :mod:`onnxsmith.calibration.gradients` with ``loss``), on the first
+``"hessian"`` (``G = dL/dO`` from :mod:`onnxsmith.calibration.gradients` with ``loss``; where the graph has
+no gradients, e.g. an op the torch interpreter lacks, the search uses ``"cosine"`` and says so), on the first
 ``samples`` calibration feeds, over the grid ``Δ0 * (alpha + i (beta - alpha) / n)`` for ``rounds`` alternating
 rounds (``rounds=0``: the initial max-based steps, no search). Conv layers are searched as their im2col GEMM
 (2-D, ungrouped, explicit symmetric padding); Gemm with ``transA`` reads its transposed input. Any other
@@ -85,6 +86,8 @@ from onnxsmith.passes.qdq_nodes import (
 )
 
 MIN_BITS, MAX_BITS = 4, 8
+GRADIENT_FREE_METRIC = "cosine"
+"""The metric the Hessian search falls back to when the graph's gradients cannot be computed."""
 
 
 @dataclass
@@ -215,7 +218,8 @@ class PtqQuantize(Pass):
             return None
         layers, _ = self.layers(import_graph(model))
         names = {layer.node.outputs[0].name for layer in layers}
-        return GradientRequest({name: SampleObserver(self.samples, name=name) for name in names}, self.loss)
+        return GradientRequest({name: SampleObserver(self.samples, name=name) for name in names}, self.loss,
+                               fallback=f"{GRADIENT_FREE_METRIC} metric")
 
     def layers(self, graph: gs.Graph) -> tuple[list[Layer], Placement]:
         """The layers to quantize in graph order, and the placement they come from (twin layouts, skipped nodes)."""
@@ -236,6 +240,9 @@ class PtqQuantize(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
         layers, placement = self.layers(graph)
+        metric = self.metric
+        if metric == "hessian" and context.gradients is None:
+            metric = GRADIENT_FREE_METRIC
         details: list[dict] = []
         searched = 0
         bar = tqdm(layers, desc="ptq-qdq layers", unit="layer", leave=False,
@@ -243,9 +250,9 @@ class PtqQuantize(Pass):
         for layer in bar:
             quantizers = {i: self._act_quantizer(layer.node.inputs[i].name, placement.twin_layouts)
                           for i in layer.act_inputs}
-            plan = self._plan(layer, quantizers, context)
+            plan = self._plan(layer, quantizers, context, metric)
             searched += plan.searched
-            details += self._emit(graph, layer, plan)
+            details += self._emit(graph, layer, plan, metric)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         changes = {
             "layers_quantized": len(layers),
@@ -253,13 +260,17 @@ class PtqQuantize(Pass):
             "twin_uniform_inputs": sum(1 for d in details if str(d.get("dtype", "")).startswith("twin")),
             "wbits": self.wbits,
             "abits": self.abits,
-            "metric": self.metric if self.rounds else "none",
+            "metric": metric if self.rounds else "none",
             "weight_grid": (f"per-channel x {self.block_size} input channels" if self.block_size
                             else str(self.grid_spec)),
             "layers_learned": sum(1 for d in details if d.get("learned_from") is not None),
             "weight_scales": sum(d.get("scales", 0) for d in details if d.get("kind") == "weight"),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
+        if metric != self.metric:
+            changes["metric_fallback"] = f"hessian -> {metric}"
+            details.append({"kind": "fallback", "reason": f"hessian metric needs gradients, which are unavailable: "
+                                                          f"{context.gradients_unavailable}"})
         modified = bool(layers)
         result = export_graph(graph, model) if modified else model
         store_as_int4(result, {d["int4_initializer"] for d in details if "int4_initializer" in d})
@@ -272,12 +283,13 @@ class PtqQuantize(Pass):
             return TwinActQuantizer(twin_layouts[tensor], self.abits)  # type: ignore[arg-type]
         return UniformActQuantizer(self.abits)
 
-    def _plan(self, layer: Layer, quantizers: dict[int, ActQuantizer], context: PassContext) -> LayerPlan:
+    def _plan(self, layer: Layer, quantizers: dict[int, ActQuantizer], context: PassContext,
+              metric: str) -> LayerPlan:
         samples = {i: context.calibration[layer.node.inputs[i].name].samples for i in layer.act_inputs}
         grads = None
-        if self.metric == "hessian":
+        if metric == "hessian":
             grads = context.gradients[layer.node.outputs[0].name].samples
-        options = dict(metric=self.metric, n=self.n, alpha=self.alpha, beta=self.beta, rounds=self.rounds)
+        options = dict(metric=metric, n=self.n, alpha=self.alpha, beta=self.beta, rounds=self.rounds)
         if layer.weight is None:
             a, b = layer.act_inputs
             result = search_activation_matmul(samples[a], samples[b], bits=self.abits, G=grads,
@@ -335,12 +347,12 @@ class PtqQuantize(Pass):
         step, _ = quantizer.steps(np.concatenate([s.ravel() for s in samples]), self.alpha, self.beta, self.n)
         return LayerPlan(scale, {index: quantizer.params(step)}, False, None)
 
-    def _emit(self, graph: gs.Graph, layer: Layer, plan: LayerPlan) -> list[dict]:
+    def _emit(self, graph: gs.Graph, layer: Layer, plan: LayerPlan, metric: str) -> list[dict]:
         """Insert the layer's weight DQ and activation QDQ groups (twin inputs last: dual-GEMM copies the node)."""
         node = layer.node
         feature_axis = _feature_axis(layer) if layer.weight is not None else -1  # read before the weight is replaced
         details: list[dict] = [{"node": node.name, "kind": "layer", "searched": plan.searched,
-                                "metric": self.metric, "metric_value": plan.metric_value}]
+                                "metric": metric, "metric_value": plan.metric_value}]
         if plan.learned is not None:
             details[0].update(learned_from=plan.learned[0], learned_to=plan.learned[1])
         if layer.weight is not None:
