@@ -31,6 +31,13 @@ def test_folder_of_npz_and_npy_files_with_varying_sequence_lengths(tmp_path):
     assert [f["x"].shape[1] for f in feeds] == [3, 9]
 
 
+def test_a_negative_dimension_is_free_as_paddle2onnx_writes_it():
+    model = onnx.ModelProto()
+    model.CopyFrom(MODEL)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    assert load_calibration([{"x": x(batch=1)}, {"x": x(batch=3)}], model)[1]["x"].shape == (3, 5, 16)
+
+
 def test_iterable_of_feeds():
     feeds = load_calibration(({"x": x(seq=s)} for s in (2, 4)), MODEL)
     assert len(feeds) == 2

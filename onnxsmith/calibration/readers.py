@@ -49,7 +49,9 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
         tensor_type = graph_input.type.tensor_type
         shape = None
         if tensor_type.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            # Exporters such as paddle2onnx write -1 for a free dimension: only positive sizes are fixed.
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                          for d in tensor_type.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs[graph_input.name] = InputSpec(dtype, shape)
     return specs

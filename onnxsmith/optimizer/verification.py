@@ -200,7 +200,7 @@ def _declaration_mismatch(info: onnx.ValueInfoProto, value: np.ndarray,
     if len(dims) != value.ndim:
         return ValueInfoConflict(f"declared rank {len(dims)}, computed shape {list(value.shape)}")
     for axis, (dim, size) in enumerate(zip(dims, value.shape)):
-        if dim.HasField("dim_value") and dim.dim_value != size:
+        if dim.HasField("dim_value") and 0 < dim.dim_value != size:
             return ValueInfoConflict(f"axis {axis} declared {dim.dim_value}, computed shape {list(value.shape)}")
         if dim.HasField("dim_param") and dim.dim_param:
             symbols.setdefault(dim.dim_param, {}).setdefault(int(size), []).append(info.name)
