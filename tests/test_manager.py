@@ -135,3 +135,41 @@ def test_calibration_failure_names_the_pass():
     with pytest.raises(PassError, match="calibration for pass 'int8-qdq' failed: .*NaN"):
         PassManager([ShapeInference(), QuantizeInt8()], verify=False).run(
             graphs.conv_bn_relu(), PassContext(calibration_data=bad_feeds))
+
+
+class BrokenWithFallbacks(Pass):
+    """Its own result reads an undefined tensor, its first fallback changes a weight, its second is the input."""
+
+    name = "broken-with-fallbacks"
+    description = "test pass whose best results fail verification"
+    lossless = True
+
+    def run(self, model, context):
+        dangling, perturbed, kept = (model.__class__() for _ in range(3))
+        for copy in (dangling, perturbed, kept):
+            copy.CopyFrom(model)
+        dangling.graph.node[0].input[0] = "no_such_tensor"
+        PerturbWeight().run(perturbed, context)
+        return PassResult(dangling, True, {"attempt": "own"}, fallbacks=[
+            ("perturbed", PassResult(perturbed, True, {"attempt": "perturbed"})),
+            ("unchanged", PassResult(kept, False, {"attempt": "unchanged"}))])
+
+
+def test_the_first_fallback_that_verifies_is_used_and_the_failures_are_reported():
+    run = PassManager([BrokenWithFallbacks()]).run(graphs.conv_bn_relu())
+    (record,) = run.records
+    assert record.fallback == "unchanged" and record.changes == {"attempt": "unchanged", "fallback": "unchanged"}
+    reasons = [d["reason"] for d in record.details if d["kind"] == "fallback"]
+    assert len(reasons) == 2 and "invalid model" in reasons[0] and "changed output" in reasons[1]
+    assert run.model.graph.node[0].input[0] == "x"
+
+
+def test_without_a_fallback_that_verifies_the_pass_fails_with_its_own_error():
+    class OnlyBroken(BrokenWithFallbacks):
+        def run(self, model, context):
+            result = super().run(model, context)
+            result.fallbacks = result.fallbacks[:1]
+            return result
+
+    with pytest.raises(PassError, match="produced an invalid model"):
+        PassManager([OnlyBroken()]).run(graphs.conv_bn_relu())

@@ -10,6 +10,7 @@ from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Toleran
 from onnxsmith.passes.graph_utils import all_graphs, export_graph, import_graph
 from onnxsmith.passes.constants_to_initializers import _SCALAR_ATTRIBUTES
 
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
 DEFAULT_SIZE_THRESHOLD = 16 * 2**20
 """Folded tensors larger than this (bytes) are left unfolded, so folding never bloats the model."""
 
@@ -18,7 +19,8 @@ class ConstantFolding(Pass):
     """Fold constant subexpressions, including shape arithmetic that shape inference resolved.
 
     Results larger than ``size_threshold`` bytes are not folded (e.g. the transpose of a tied embedding matrix,
-    which would duplicate it).
+    which would duplicate it). ``If`` nodes with a constant condition are flattened into the graph; for graphs
+    with subgraphs the result without flattening is the declared fallback.
     """
 
     name = "constant-folding"
@@ -30,15 +32,31 @@ class ConstantFolding(Pass):
         self.size_threshold = size_threshold
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        if not any(node.op_type in SUBGRAPH_OPS for node in model.graph.node):
+            return self._fold(model, flatten_subgraphs=True)
+        # onnx-graphsurgeon can leave a flattened If's outputs unproduced (Silero VAD): keep them as If nodes then.
+        # Folding edits the subgraphs it reads, so each attempt folds its own copy.
+        result = self._fold(_copy(model), flatten_subgraphs=True)
+        result.fallbacks.append(("If nodes kept", self._fold(_copy(model), flatten_subgraphs=False)))
+        return result
+
+    def _fold(self, model: onnx.ModelProto, *, flatten_subgraphs: bool) -> PassResult:
         graph = import_graph(model)
         _typed_constant_attributes(graph)
         before = len(graph.nodes)
-        graph.fold_constants(fold_shapes=True, size_threshold=self.size_threshold, error_ok=True)
+        graph.fold_constants(fold_shapes=True, size_threshold=self.size_threshold, error_ok=True,
+                             flatten_subgraphs=flatten_subgraphs)
         graph.cleanup(remove_unused_graph_inputs=False)
         removed = before - len(graph.nodes)
         if removed == 0:
             return PassResult(model, False, {"nodes_folded": 0})
         return PassResult(export_graph(graph, model), True, {"nodes_folded": removed})
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
 
 
 def _typed_constant_attributes(graph: gs.Graph) -> None:
