@@ -250,3 +250,17 @@ def test_a_tied_weight_read_along_two_axes_gets_one_dequantize_per_axis():
             assert dq.op_type == "DequantizeLinear"
             axes[node.name] = next(a.i for a in dq.attribute if a.name == "axis")
     assert axes == {"mm": 1, "gemm": 0}
+
+
+def test_an_already_quantized_model_is_left_alone_and_the_nodes_are_reported():
+    feeds = feeds_for((2, 3, 8, 8))
+    once = quantize_model(graphs.conv_bn_relu(), feeds).model
+    twice = quantize_model(once, feeds)
+    record = twice.records[-1]
+    assert record.name == "int8-qdq" and not record.modified
+    assert record.changes["weights_quantized"] == 0 and record.changes["activations_quantized"] == 0
+    skipped = {d["node"]: d["reason"] for d in record.details if d["kind"] == "skipped"}
+    assert skipped == {"conv1": "already quantized (reads a DequantizeLinear output)",
+                       "conv2": "already quantized (reads a DequantizeLinear output)"}
+    for name in ("QuantizeLinear", "DequantizeLinear"):
+        assert sum(n.op_type == name for n in twice.model.graph.node) == sum(n.op_type == name for n in once.graph.node)

@@ -187,6 +187,8 @@ class QuantizeInt8(Pass):
 
     def _place_node(self, node: gs.Node, placement: Placement) -> str | None:
         data, weight = node.inputs[0], node.inputs[1]
+        if any(tensor.inputs and tensor.inputs[0].op == "DequantizeLinear" for tensor in (data, weight)):
+            return "already quantized (reads a DequantizeLinear output)"
         if not is_float(data) or not is_float(weight):
             return "input type is not float (or unknown: run shape-inference first)"
         if isinstance(data, gs.Constant):
