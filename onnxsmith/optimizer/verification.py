@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from onnxsmith.backends.onnxruntime import create_session, run_session
+from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.models.base import Feed, Outputs
 from onnxsmith.optimizer.pass_base import Tolerance
 
@@ -164,12 +165,10 @@ def value_info_conflicts(model: onnx.ModelProto, names: Sequence[str],
     tested = [name for name in declared if name in produced]
     if not tested or not feeds:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    drop_value_info(probe, list(declared))
-    existing = {output.name for output in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tested if name not in existing)
-    session = create_session(probe, optimize=False)
+    untyped = onnx.ModelProto()
+    untyped.CopyFrom(model)
+    drop_value_info(untyped, list(declared))
+    session = create_session(with_outputs(untyped, tested), optimize=False)
     conflicts: dict[str, ValueInfoConflict] = {}
     for feed in feeds:
         values = run_session(session, feed, tested)

@@ -428,9 +428,10 @@ def _as_gemm(
     if grads is not None:  # Conv gradients are [B, M, H, W]: channels last, then rows
         g_parts = [_rows(np.moveaxis(gr, 1, -1) if node.op == "Conv" else gr) for gr in grads]
     if node.op == "Conv":
-        if _conv_layout(node, constant) is None:
+        layout = _conv_layout(node, constant)
+        if layout is None:
             return None
-        x_parts = (_conv_rows(node, constant, s) for s in samples)
+        x_parts = (_conv_rows(layout, constant, s) for s in samples)
         w = constant.reshape(constant.shape[0], -1).T
     else:
         if reader is not node:  # MatMul reading Transpose(constant)
@@ -471,7 +472,6 @@ def _conv_layout(node: gs.Node, weight: np.ndarray) -> dict | None:
                 padding=tuple(pads[:2]), stride=tuple(node.attrs.get("strides", [1, 1])))
 
 
-def _conv_rows(node: gs.Node, weight: np.ndarray, sample: np.ndarray) -> np.ndarray:
-    """im2col rows ``[B * L, C * kh * kw]`` of one input sample of a Conv that :func:`_conv_layout` accepts."""
-    options = _conv_layout(node, weight)
-    return F.unfold(torch.from_numpy(sample), **options).transpose(1, 2).reshape(-1, weight[0].size).numpy()
+def _conv_rows(layout: dict, weight: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """im2col rows ``[B * L, C * kh * kw]`` of one input sample of a Conv with :func:`_conv_layout` ``layout``."""
+    return F.unfold(torch.from_numpy(sample), **layout).transpose(1, 2).reshape(-1, weight[0].size).numpy()
