@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsmith.errors import UserError, first_line
-from onnxsmith.optimizer.model_io import load_model, save_model, saved_to_temporary_file
+from onnxsmith.core.errors import UserError, first_line
+from onnxsmith.core.model_io import load_model, save_model, saved_to_temporary_file
 from onnxsmith.optimizer.pipeline import OptimizeResult, optimize_file
 from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, load_recipe
 
@@ -98,7 +98,7 @@ def optimize(
     verification probes. For a torch module without ``calibration`` the example inputs are the one feed (a warning
     says so when the recipe calibrates); for files and ModelProtos the CLI's rules apply (zoo data, else random
     inputs with a loud warning). ``evaluate`` defaults to on for zoo models, off otherwise. ``output`` is written
-    atomically; without it nothing is written. Bad input raises :class:`onnxsmith.errors.UserError`.
+    atomically; without it nothing is written. Bad input raises :class:`onnxsmith.core.errors.UserError`.
     """
     recipe_obj = load_recipe(recipe)  # an unknown recipe fails before any export
     torch_module = _is_torch_module(model)
@@ -235,7 +235,8 @@ def _example_calibration(inputs: tuple[Any, ...], path: Path, recipe_obj: Any,
                          pass_options: dict[str, Any] | None) -> list[dict[str, np.ndarray]] | None:
     """The example inputs as the one calibration feed (and verification probe) of the exported model, or ``None``
     (the pipeline's defaults) when they do not match its inputs."""
-    from onnxsmith.calibration.readers import input_specs, validate_feed
+    from onnxsmith.calibration.readers import validate_feed
+    from onnxsmith.core.feeds import input_specs
 
     specs = input_specs(onnx.load(str(path), load_external_data=False))
     arrays = [t.detach().cpu().numpy() for t in inputs]

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxsmith
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 
 RNG = np.random.default_rng(0)
 

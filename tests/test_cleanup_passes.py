@@ -9,15 +9,13 @@ from onnx import TensorProto, helper
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext, default_opset
-from onnxsmith.passes import (
-    ConstantFolding,
-    ConstantsToInitializers,
-    FoldBatchNorm,
-    RemoveDeadNodes,
-    ShapeInference,
-    UpgradeOpset,
-)
+from onnxsmith.core.pass_base import PassContext, default_opset
+from onnxsmith.passes.constant_folding import ConstantFolding
+from onnxsmith.passes.constants_to_initializers import ConstantsToInitializers
+from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
+from onnxsmith.passes.remove_dead_nodes import RemoveDeadNodes
+from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.passes.upgrade_opset import UpgradeOpset
 
 
 def outputs(model: onnx.ModelProto, feed: dict) -> dict:
@@ -117,7 +115,7 @@ def test_shape_inference_adds_value_info():
 @pytest.mark.parametrize("target", [13, 17, 21])
 def test_upgrade_opset_from_11(target):
     model = graphs.conv_bn_relu(opset=11)
-    result = UpgradeOpset(target).run(copy(model), PassContext())
+    result = UpgradeOpset(target=target).run(copy(model), PassContext())
     assert default_opset(result.model) == target
     onnx.checker.check_model(result.model)
     assert_same_outputs(model, result.model, X_IMAGE)
@@ -125,7 +123,7 @@ def test_upgrade_opset_from_11(target):
 
 def test_upgrade_opset_is_a_no_op_when_new_enough():
     model = graphs.conv_bn_relu(opset=17)
-    result = UpgradeOpset(13).run(model, PassContext())
+    result = UpgradeOpset(target=13).run(model, PassContext())
     assert not result.modified and default_opset(result.model) == 17
 
 

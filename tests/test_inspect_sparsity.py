@@ -8,12 +8,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs
-from onnxsmith.calibration.sparsity import nm_mask, satisfies_nm
+from onnxsmith.core.sparsity import nm_mask, satisfies_nm
 from onnxsmith.optimizer.cli import main
-from onnxsmith.optimizer.inspect_sparsity import WeightSparsity, format_table, inspect_sparsity
+from onnxsmith.analysis.sparsity import WeightSparsity, format_table, inspect_sparsity
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import PruneNM, QuantizeInt8, ShapeInference
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.prune_nm import PruneNM
+from onnxsmith.passes.qdq_int8 import QuantizeInt8
+from onnxsmith.passes.shape_inference import ShapeInference
 
 RNG = np.random.default_rng(0)
 

@@ -8,23 +8,16 @@ from onnx import TensorProto, helper, numpy_helper
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.awq import search_awq
-from onnxsmith.calibration.int4 import (
-    dequantize_blocks,
-    gptq_quantize,
-    int4_initializer,
-    mse_scales,
-    output_error,
-    pack_int4,
-    quantize_blocks,
-    rtn_scales,
-    unpack_int4,
-)
-from onnxsmith.errors import PassError
+from onnxsmith.calibration.int4 import dequantize_blocks, mse_scales, output_error, quantize_blocks, rtn_scales
+from onnxsmith.calibration.gptq import gptq_quantize
+from onnxsmith.core.int4 import int4_initializer, pack_int4, unpack_int4
+from onnxsmith.core.errors import PassError
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import AwqScale, Int4Weight
-from onnxsmith.passes.channel_scaling import plan_input_scaling
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.awq_scale import AwqScale
+from onnxsmith.passes.int4_weight import Int4Weight
+from onnxsmith.rewrite.channel_scaling import plan_input_scaling
+from onnxsmith.core.graph import export_graph, import_graph
 
 RNG = np.random.default_rng(7)
 

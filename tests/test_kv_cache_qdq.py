@@ -10,10 +10,10 @@ import pytest
 
 from moe_graphs import HEAD_DIM, KV_HEADS, cla_feed, export_cached_cla
 from onnxsmith.calibration.collection import collect
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes.graph_utils import import_graph
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.core.graph import import_graph
 from onnxsmith.passes.kv_cache_qdq import KvCacheQuantize
-from onnxsmith.passes.kv_patterns import find_stored_kv, trace_path
+from onnxsmith.analysis.kv_patterns import find_stored_kv, trace_path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from onnxsmith.calibration.observers import QuantizationNoiseObserver
 from onnxsmith.calibration.qparams import fake_quantize
 from onnxsmith.optimizer.layer_fidelity import activation_sqnr
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
+from onnxsmith.core.pass_base import PassContext
 from onnxsmith.optimizer.recipes import load_recipe
 from onnxsmith.optimizer.report import markdown
 
@@ -50,7 +50,8 @@ def test_report_lists_layers_worst_first():
 
 
 def _ptq(model, feeds, **options):
-    from onnxsmith.passes import PtqQuantize, ShapeInference
+    from onnxsmith.passes.ptq_qdq import PtqQuantize
+    from onnxsmith.passes.shape_inference import ShapeInference
 
     passes = [ShapeInference(), PtqQuantize(rounds=1, n=10, **options)]
     return PassManager(passes).run(model, PassContext(calibration_data=feeds)).model

@@ -9,10 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.calibration.lsq import SCALE_GRADIENTS, block_expander, fake_quantize, train_layer, train_weight_steps
+from onnxsmith.calibration.lsq import SCALE_GRADIENT_FUNCTIONS, block_expander, fake_quantize, train_layer, train_weight_steps
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import PtqQuantize
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.ptq_qdq import PtqQuantize
 
 RNG = np.random.default_rng(11)
 
@@ -58,7 +58,7 @@ def test_scale_gradient_is_pluggable():
     s.grad = None
     fake_quantize(v, s, 4, grad_scale=0.5, scale_gradient=custom).sum().backward()
     assert calls == [(8, 7)] and s.grad.item() == pytest.approx(1.5)
-    assert set(SCALE_GRADIENTS) >= {"lsq", "clip"}
+    assert set(SCALE_GRADIENT_FUNCTIONS) >= {"lsq", "clip"}
 
 
 def test_fake_quantize_rounds_half_to_even_like_quantize_linear():

@@ -5,10 +5,11 @@ import pytest
 from onnx import numpy_helper
 
 import graphs
-from onnxsmith.errors import PassError
+from onnxsmith.core.errors import PassError
 from onnxsmith.optimizer.manager import METADATA_KEY, PassManager, plan_passes, read_provenance
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, default_opset
-from onnxsmith.passes import FoldBatchNorm, ShapeInference
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, default_opset
+from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
+from onnxsmith.passes.shape_inference import ShapeInference
 
 
 class PerturbWeight(Pass):
@@ -129,7 +130,7 @@ def test_verification_runs_on_the_given_probe_feeds():
 
 
 def test_calibration_failure_names_the_pass():
-    from onnxsmith.passes import QuantizeInt8
+    from onnxsmith.passes.qdq_int8 import QuantizeInt8
 
     bad_feeds = [{"x": np.full((1, 3, 8, 8), np.nan, dtype=np.float32)}]  # observers refuse NaN
     with pytest.raises(PassError, match="calibration for pass 'int8-qdq' failed: .*NaN"):

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 from onnxsmith.optimizer import mixed_precision
 from onnxsmith.optimizer.cli import main
 from onnxsmith.optimizer.mixed_precision import Target, search

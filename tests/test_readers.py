@@ -8,7 +8,7 @@ import pytest
 
 import graphs
 from onnxsmith.calibration.readers import load_calibration, random_calibration
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 
 MODEL = graphs.matmul_add_gelu()  # input x: float32 [N, S, 16]
 

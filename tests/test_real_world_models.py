@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsmith.optimizer import model_io
-from onnxsmith.optimizer.model_io import load_model
+from onnxsmith.core import model_io
+from onnxsmith.core.model_io import load_model
 from onnxsmith.optimizer.pipeline import optimize_file
-from onnxsmith.optimizer.verification import generated_probe_feeds
+from onnxsmith.core.feeds import generated_probe_feeds
 
 RECIPES = ["cleanup", "w8a8", "sparse24"]
 
@@ -101,7 +101,7 @@ def conv_matmul(opset: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_conv_matmul_at_each_opset(tmp_path, opset, recipe):
     model = conv_matmul(opset)
-    options = {"min_channels": 4} if recipe == "sparse24" else None  # the default 64 would skip every layer
+    options = {"prune-nm": {"min_channels": 4}} if recipe == "sparse24" else None  # the default 64 would skip every layer
     result, feeds = optimize(model, tmp_path, recipe, pass_options=options)
     check_outputs(model, result, feeds, recipe)
     out = onnx.load(result.output_path)

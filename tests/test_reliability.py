@@ -14,10 +14,10 @@ import pytest
 from onnx import external_data_helper
 
 import graphs
-from onnxsmith.errors import UserError
-from onnxsmith.optimizer import model_io
+from onnxsmith.core.errors import UserError
+from onnxsmith.core import model_io
 from onnxsmith.optimizer.cli import main
-from onnxsmith.optimizer.model_io import load_model, save_model
+from onnxsmith.core.model_io import load_model, save_model
 from onnxsmith.passes.fold_batchnorm import FoldBatchNorm
 
 
@@ -117,8 +117,8 @@ def test_empty_calibration_folder_is_exit_2(model_file, tmp_path, capsys):
     [
         ('passes = ["shape-inference"]\nspeed = "max"\n', "unknown keys ['speed']"),
         ('passes = ["constant-folding"]\n[options.constant-folding]\nsize_treshold = 8\n',
-         "unknown options ['size_treshold']"),
-        ('passes = ["int8-qdq"]\n[options.int8-qdq]\nact_dtype = "uint8"\nbits = 4\n', "unknown options ['bits']"),
+         "pass 'constant-folding': no option 'size_treshold'; options: size_threshold"),
+        ('passes = ["int8-qdq"]\n[options.int8-qdq]\nact_dtype = "uint8"\nbits = 4\n', "pass 'int8-qdq': no option 'bits'; options:"),
     ],
     ids=["top-level", "pass-option", "quantizer-option"],
 )

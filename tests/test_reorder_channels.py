@@ -10,7 +10,9 @@ from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.blocks import GridSpec
 from onnxsmith.calibration.channel_order import STRATEGIES, GemmWeight, choose_permutation
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.passes import PASSES, ReorderChannels, ShapeInference
+from onnxsmith.optimizer.registry import PASSES
+from onnxsmith.passes.reorder_channels import ReorderChannels
+from onnxsmith.passes.shape_inference import ShapeInference
 
 GRID = "4x4"
 

@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import make_model
 from onnxsmith.api import optimize
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.optimizer.verification import generated_probe_feeds, value_info_conflicts
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.optimizer.verification import value_info_conflicts
+from onnxsmith.core.feeds import generated_probe_feeds
 from onnxsmith.passes.shape_inference import ShapeInference
 
 

@@ -7,10 +7,12 @@ from onnx import TensorProto, helper, numpy_helper
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.nm_shuffle import choose_nm_permutation, kept_fraction
-from onnxsmith.calibration.sparsity import satisfies_nm
+from onnxsmith.core.sparsity import satisfies_nm
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import PruneNM, ShapeInference, ShuffleNM
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.prune_nm import PruneNM
+from onnxsmith.passes.shape_inference import ShapeInference
+from onnxsmith.passes.shuffle_nm import ShuffleNM
 
 SMALL = {"min_channels": 8}
 

@@ -7,10 +7,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.calibration.sparsity import nm_mask, satisfies_nm
+from onnxsmith.core.sparsity import nm_mask, satisfies_nm
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import PASSES, SparseGemmToConv
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.optimizer.registry import PASSES
+from onnxsmith.passes.sparse_conv import SparseGemmToConv
 
 RNG = np.random.default_rng(0)
 

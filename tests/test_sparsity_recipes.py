@@ -7,9 +7,9 @@ from onnx import numpy_helper
 
 import graphs
 from onnxsmith.backends.onnxruntime import create_session, run_session
-from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+from onnxsmith.analysis.sparsity import inspect_sparsity
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext
+from onnxsmith.core.pass_base import PassContext
 from onnxsmith.optimizer.recipes import load_recipe
 
 GEMMS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
@@ -31,7 +31,7 @@ def run_recipe(name, **overrides):
 @pytest.mark.parametrize("recipe", ["sparse24", "wanda24", "esparse24"])
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_sparsity_recipes_leave_every_gemm_n_of_m_on_its_input_axis(recipe, n, m):
-    model, result = run_recipe(recipe, n=n, m=m)
+    model, result = run_recipe(recipe, nm=(n, m))
     rows = {row.node: row for row in inspect_sparsity(result.model)}
     assert set(rows) == GEMMS
     assert all(row.pattern == f"{n}:{m}" and row.axis == 0 for row in rows.values())

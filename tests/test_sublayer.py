@@ -11,8 +11,9 @@ from onnxsmith.calibration.metrics import METRICS, metric_fn
 from onnxsmith.calibration.scale_search import blocked_fake_quantize, search_layer, uniform_fake_quantize
 from onnxsmith.calibration.twin_uniform import initial_delta
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.pass_base import PassContext, default_opset
-from onnxsmith.passes import PtqQuantize, ShapeInference
+from onnxsmith.core.pass_base import PassContext, default_opset
+from onnxsmith.passes.ptq_qdq import PtqQuantize
+from onnxsmith.passes.shape_inference import ShapeInference
 
 FAST = dict(n=20)
 
@@ -249,6 +250,6 @@ def test_ptq_sl_recipe_gives_the_grid_and_bits_to_both_passes():
 
     passes = {p.name: p for p in load_recipe("ptq-sl").build({"weight_grid": "32x4", "wbits": 4})}
     assert list(passes)[-2:] == ["reorder-channels", "ptq-qdq"]
-    assert passes["ptq-qdq"].grid_spec == GridSpec(32, 4) and passes["ptq-qdq"].wbits == 4
+    assert passes["ptq-qdq"].grid_spec == GridSpec(32, 4) and passes["ptq-qdq"].options.wbits == 4
     assert passes["ptq-qdq"].min_opset == 21
-    assert passes["reorder-channels"].weight_grid == GridSpec(32, 4) and passes["reorder-channels"].wbits == 4
+    assert passes["reorder-channels"].weight_grid == GridSpec(32, 4) and passes["reorder-channels"].options.wbits == 4

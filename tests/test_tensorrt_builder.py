@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsmith.backends import tensorrt as backend
 from onnxsmith.backends.tensorrt import LayerSummary, optimization_profile, precision_plan, summarize_layers
-from onnxsmith.calibration.readers import InputSpec
-from onnxsmith.errors import UserError
+from onnxsmith.core.feeds import InputSpec
+from onnxsmith.core.errors import UserError
 
 
 def _float(name, shape, elem=TensorProto.FLOAT):

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from onnxsmith.backends.trt_lint import RULES, Finding, lint_model
-from onnxsmith.calibration.int4 import int4_initializer
+from onnxsmith.analysis.trt_lint import RULES, Finding, lint_model
+from onnxsmith.core.int4 import int4_initializer
 from onnxsmith.optimizer.cli import main
 
 RNG = np.random.default_rng(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxsmith.backends.trt_lint import lint_model
+from onnxsmith.analysis.trt_lint import lint_model
 from onnxsmith.optimizer.pipeline import optimize_file
 
 

@@ -4,10 +4,10 @@ import pytest
 
 from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
 from onnxsmith.optimizer.manager import PassManager
-from onnxsmith.optimizer.model_io import load_model
+from onnxsmith.core.model_io import load_model
 from onnxsmith.optimizer.recipes import load_recipe
 from onnxsmith.optimizer.verification import compare_outputs, reference_outputs
-from onnxsmith.optimizer.pass_base import Tolerance
+from onnxsmith.core.pass_base import Tolerance
 
 
 @pytest.mark.parametrize("name", ["vit-digits", "moe-tiny", "minilm", "smollm2"])

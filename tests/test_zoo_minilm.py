@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from onnxsmith.models.base import Outputs
+from onnxsmith.core.feeds import Outputs
 from onnxsmith.models.minilm import MAX_TOKENS, MiniLM, model_dir
 from onnxsmith.models.text_data import pydoc_sentences
 from onnxsmith.models.zoo import zoo_model_path
@@ -120,9 +120,9 @@ def test_esparse24_on_minilm_folds_shuffles_and_prunes_every_gemm(minilm: MiniLM
     LayerNorm readers get a Gather) and all 36 GEMM weights end 2:4 on their input axis."""
     import onnx
 
-    from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+    from onnxsmith.analysis.sparsity import inspect_sparsity
     from onnxsmith.optimizer.manager import PassManager
-    from onnxsmith.optimizer.pass_base import PassContext
+    from onnxsmith.core.pass_base import PassContext
     from onnxsmith.optimizer.recipes import load_recipe
 
     feeds = minilm.calibration_feeds(2)
@@ -143,7 +143,7 @@ def test_int4_gptq_and_w4a8_on_minilm_write_runnable_int4_models(minilm: MiniLM,
 
     from onnxsmith.backends.onnxruntime import create_session, run_session
     from onnxsmith.optimizer.manager import PassManager
-    from onnxsmith.optimizer.pass_base import PassContext
+    from onnxsmith.core.pass_base import PassContext
     from onnxsmith.optimizer.recipes import load_recipe
 
     feeds = minilm.calibration_feeds(4)

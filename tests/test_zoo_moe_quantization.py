@@ -13,8 +13,8 @@ import pytest
 from onnxsmith.models.moe_tiny import CACHE_LAYERS, LAYERS, ROUTED_EXPERTS, MoeTiny, past_names, present_names
 from onnxsmith.models.zoo import zoo_model_path
 from onnxsmith.optimizer.cli import main
-from onnxsmith.passes.graph_utils import import_graph
-from onnxsmith.passes.kv_patterns import trace_path
+from onnxsmith.core.graph import import_graph
+from onnxsmith.analysis.kv_patterns import trace_path
 
 
 @pytest.fixture(scope="module", params=["moe-tiny", "moe-tiny-dense"])

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnxsmith.models.base import Outputs
+from onnxsmith.core.feeds import Outputs
 from onnxsmith.models.smollm2 import SmolLM2, load_causal_lm, logits_only
 from onnxsmith.models.zoo import zoo_model_path
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsmith.models.base import Feed, Outputs
-from onnxsmith.optimizer.model_io import needs_external_data, saved_to_temporary_file
+from onnxsmith.core.feeds import Feed, Outputs
+from onnxsmith.core.model_io import needs_external_data, saved_to_temporary_file
 
 ort.set_default_logger_severity(3)  # errors only: warnings from sessions other code creates (e.g. graph folding)
 

@@ -49,10 +49,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnxsmith.backends.trt_lint import lint_model
-from onnxsmith.calibration.readers import InputSpec, input_specs
-from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
-from onnxsmith.errors import PassError, UserError
+from onnxsmith.analysis.trt_lint import lint_model
+from onnxsmith.core.feeds import InputSpec, input_specs
+from onnxsmith.analysis.sparsity import inspect_sparsity
+from onnxsmith.core.errors import PassError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def precision_plan(model: onnx.ModelProto, *, fp16: bool = True) -> Precision:
     """Read precision and 2:4 sparsity off ``model`` (weights loaded) and choose the builder/network flags.
 
     2:4 layers are those :func:`~onnxsmith.optimizer.inspect_sparsity.inspect_sparsity` finds 2:4 on their input
-    axis; ``problems`` are the error findings of :func:`~onnxsmith.backends.trt_lint.lint_model`.
+    axis; ``problems`` are the error findings of :func:`~onnxsmith.analysis.trt_lint.lint_model`.
     """
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}

@@ -2,7 +2,7 @@
 
 Layers reading the same input ``X [T, K]`` (q/k/v after one norm) share one per-input-channel factor ``s [K]``:
 their weights become ``diag(s) W`` and the input ``X diag(s)^-1``, which the graph absorbs into the op producing
-``X`` (see :mod:`onnxsmith.passes.channel_scaling`). Salient input channels (large activations) get ``s > 1``, so
+``X`` (see :mod:`onnxsmith.rewrite.channel_scaling`). Salient input channels (large activations) get ``s > 1``, so
 their weights use more of the INT4 grid. Following AWQ, ``s = a ** alpha`` with ``a_j`` the channel's activation
 magnitude (here its RMS ``sqrt(E[x_j**2])``, read off the Gram matrix's diagonal), normalised by
 ``sqrt(max s * min s)``; ``alpha`` is searched on a grid in ``[0, 1]`` minimising the summed output error of the

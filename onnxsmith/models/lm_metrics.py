@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxsmith.models.base import Outputs
+from onnxsmith.core.feeds import Outputs
 
 
 def next_token_summary(logits: np.ndarray, input_ids: np.ndarray) -> Outputs:

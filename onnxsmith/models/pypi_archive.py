@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 
 MAX_MEMBER_BYTES = 256 * 2**20
 """Largest member :func:`fetch_files` reads."""

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.base import ZooModel
+from onnxsmith.core.feeds import Feed, Outputs
 from onnxsmith.models.cache import cache_dir
 from onnxsmith.models.lm_metrics import next_token_summary, perplexity_scores
 from onnxsmith.models.pypi_archive import ArchiveFile, fetch_files

@@ -18,7 +18,8 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsmith.models.base import Feed, Outputs, ZooModel
+from onnxsmith.models.base import ZooModel
+from onnxsmith.core.feeds import Feed, Outputs
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "vit_digits.npz"
 """Trained ``TinyViT`` weights: one float32 array per ``state_dict`` key."""

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 from onnxsmith.models.base import ZooModel
 from onnxsmith.models.cache import cache_dir
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 from onnxsmith import __version__
 from onnxsmith.backends.tensorrt import build_engine, measure_latency, require_tensorrt
-from onnxsmith.errors import PassError, UserError
+from onnxsmith.core.errors import PassError, UserError
 from onnxsmith.models.zoo import DEFAULT_ZOO_MODEL, get_zoo_model, zoo_names
 from onnxsmith.optimizer.inspect_sparsity import COMMAND as INSPECT_SPARSITY, build_inspect_parser, run_inspect
 from onnxsmith.optimizer.lint_trt import COMMAND as LINT_TRT, build_lint_parser, report_lines, run_lint, summary_line
 from onnxsmith.optimizer.manager import PassRecord
 from onnxsmith.optimizer.pipeline import OptimizeResult, engine_feeds, optimize_file, plan
-from onnxsmith.calibration.blocks import GridSpec
-from onnxsmith.calibration.int4 import BLOCK_SIZES
-from onnxsmith.calibration.lsq import SCALE_GRADIENTS
+from onnxsmith.core.options import OptionError, OptionSpec
+from onnxsmith.optimizer.aliases import ALIASES, Alias
+from onnxsmith.optimizer.explain import COMMAND as EXPLAIN, build_explain_parser, recipe_lines, run_explain
 from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, builtin_recipes
+from onnxsmith.optimizer.registry import PASSES
 
 EXAMPLES = f"""\
 examples:
@@ -34,7 +35,9 @@ examples:
   optimize zoo:minilm --recipe base-ptq --wbits 4 --abits 8 --metric mse
   optimize zoo:minilm --recipe ptq-sl --wbits 4 --grid 64x2   PTQ-SL: reorder channels + sub-layer weight grid
   optimize model.onnx --recipe my.toml --dry-run list the passes a recipe file would run
-  optimize --list-recipes | --list-zoo
+  optimize --list-recipes [-v] | --list-zoo     recipes (-v: with every pass and option)
+  optimize explain w8a8                          a recipe's passes, options, defaults and the flags that set them
+  optimize zoo:minilm --recipe w8a8 --set int8-qdq.percentile=99.99 --calibrator percentile
   optimize zoo:smollm2 --recipe esparse24 --alpha 10   E-Sparse 2:4 with channel shuffles (head kept dense)
   optimize zoo:minilm --recipe wanda24 --nm 4:8    Wanda 4:8 sparsity
   optimize inspect-sparsity model.onnx [--json]  which GEMM weights are 2:4 / 4:8 sparse on the input axis
@@ -76,71 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compare FP32 and optimized models (default: on for zoo models)",
     )
-    quantization = parser.add_argument_group("quantization (override the recipe's quantizing passes)")
-    quantization.add_argument("--act-dtype", choices=["uint8", "int8"],
-                              help="activation type: uint8 (onnxruntime CPU speed) or int8 (TensorRT, zero point 0)")
-    quantization.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
-                              help="activation range search")
-    quantization.add_argument("--wbits", type=int, choices=range(4, 9), metavar="{4..8}",
-                              help="weight bits (base-ptq, ptq4vit)")
-    quantization.add_argument("--abits", type=int, choices=range(4, 9), metavar="{4..8}",
-                              help="activation bits (base-ptq, ptq4vit)")
-    quantization.add_argument("--metric", choices=["mse", "cosine", "hessian"],
-                              help="layer-wise scale search metric (base-ptq, ptq4vit)")
-    quantization.add_argument("--twin", action=argparse.BooleanOptionalAction, default=None,
-                              help="twin-uniform quantizers on post-Softmax/GELU GEMM inputs")
-    quantization.add_argument("--twin-form", choices=["fake-quant", "dual-gemm"],
-                              help="ONNX form of twin-uniform tensors (dual-gemm: two integer GEMMs)")
-    quantization.add_argument("--grid", dest="weight_grid", type=_grid, metavar="NVxNH",
-                              help="weight blocks: output x input channel blocks, e.g. 16x4, allx2, per-channel, "
-                                   "per-tensor (ptq-sl, base-ptq, ptq4vit)")
-    quantization.add_argument("--act-groups", type=_positive, metavar="N",
-                              help="activation feature groups with one step each (ptq-sl; fake-quant only)")
-    quantization.add_argument("--weight-only", action="store_true", default=None,
-                              help="quantize weights only; activations stay float (ptq-qdq recipes)")
-    quantization.add_argument("--reorder", dest="strategy",
-                              choices=["auto", "producer-range", "consumer-range", "kmeans"],
-                              help="channel-reordering strategy (ptq-sl)")
-    quantization.add_argument("--loss", choices=["auto", "pseudo-label", "contrastive"],
-                              help="loss whose gradients weight the hessian metric (auto: from the model's task)")
-    quantization.add_argument("--exclude", metavar="REGEX", action="append", default=[],
-                              help="keep nodes whose name matches REGEX in float (repeatable), e.g. 'lm_head|router'")
-    quantization.add_argument("--exclude-op", metavar="OP", action="append", default=[],
-                              help="keep nodes of this op type in float (repeatable)")
-    int4 = parser.add_argument_group("INT4 and learned steps (int4-wo, int4-awq, w4a8, w4a4-kd)")
-    int4.add_argument("--block-size", type=int, choices=BLOCK_SIZES, metavar="N",
-                      help=f"INT4 weight block along K, one of {list(BLOCK_SIZES)} (TensorRT: 64 or 128)")
-    int4.add_argument("--target", choices=["tensorrt", "onnxruntime"],
-                      help="INT4 weight-only form: DequantizeLinear INT4 (TensorRT) or MatMulNBits (onnxruntime)")
-    int4.add_argument("--int4-method", dest="method", choices=["rtn", "mse"],
-                      help="INT4 weight steps: round-to-nearest or MSE-clipped (int4-awq / int4-gptq add AWQ scaling)")
-    int4.add_argument("--learn-steps", type=_non_negative_int, metavar="N",
-                      help="LSQ training steps per layer (0: no learning)")
-    int4.add_argument("--scale-gradient", choices=list(SCALE_GRADIENTS),
-                      help="gradient of the learned steps (lsq, or clip: saturation term only)")
-    moe = parser.add_argument_group("mixture-of-experts and KV cache (moe-w8a8)")
-    moe.add_argument("--kv-cache", dest="kv_cache", choices=["int8", "none"],
-                     help="quantize the stored keys/values at their producing layer (int8) or not")
-    moe.add_argument("--kv-granularity", dest="granularity", choices=["per-tensor", "per-head"],
-                     help="KV-cache scales: one per tensor or one per KV head")
-    moe.add_argument("--min-expert-tokens", type=_positive, metavar="N",
-                     help="experts routed fewer calibration tokens fall back (default 32)")
-    moe.add_argument("--expert-fallback", choices=["weight-only", "shared-scale"],
-                     help="what a few-token expert gets: float activations, or the MoE input's scale")
-    moe.add_argument("--quantize-router", action="store_true", default=None,
-                     help="quantize the router too (default: router and its input stay float)")
-    sparsity = parser.add_argument_group("sparsity (override the recipe's N:M passes)")
-    sparsity.add_argument("--nm", type=_pattern, metavar="N:M",
-                          help="sparsity pattern: keep N of every M input channels (2:4, 4:8)")
-    sparsity.add_argument("--prune-score", dest="score", choices=["magnitude", "wanda", "esparse"],
-                          help="what pruning keeps: |W|, Wanda's |W|*||X||, E-Sparse's entropy+norm score")
-    sparsity.add_argument("--alpha", type=_non_negative, metavar="A",
-                          help="E-Sparse weight of the normalised channel norm against the normalised entropy")
-    sparsity.add_argument("--shuffle", choices=["none", "global", "local", "apex"],
-                          help="channel shuffle before pruning (esparse24 recipes)")
-    sparsity.add_argument("--absorb", choices=["fold", "fold-or-gather", "fold-or-gather-each"],
-                          help="fold shuffles into producers only, or use a Gather where folding is impossible "
-                               "(one per activation, or one per layer)")
+    add_alias_arguments(parser)
+    parser.add_argument("--set", metavar="PASS.OPTION=VALUE", action="append", default=[], dest="set_options",
+                        help="set one declared option of one pass of the recipe (repeatable), e.g. "
+                             "--set int8-qdq.percentile=99.99; 'optimize explain RECIPE' lists them")
     mixed = parser.add_argument_group("accuracy-driven mixed precision (keep the most sensitive layers float)")
     mixed.add_argument("--target-metric", metavar="EXPR",
                        help="e.g. cos>=0.995, ppl<=18, accuracy>=0.98, top1_agreement>=0.99, sqnr>=30 (dB, first "
@@ -151,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--engine", metavar="OUT.plan", help="also build a TensorRT engine from the output")
     engine.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to load and update")
     engine.add_argument("--engine-latency", action="store_true", help="measure the engine's latency on one feed")
-    parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes")
+    parser.add_argument("--list-recipes", action="store_true",
+                        help="list the built-in recipes (with -v: their passes and options)")
     parser.add_argument("--list-zoo", action="store_true", help="list the zoo models")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -167,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == [INSPECT_SPARSITY]:
         inspect_args = build_inspect_parser().parse_args(argv[1:])
         return _guarded(lambda: run_inspect(inspect_args), inspect_args.debug)
+    if argv[:1] == [EXPLAIN]:
+        explain_args = build_explain_parser().parse_args(argv[1:])
+        return _guarded(lambda: run_explain(explain_args), explain_args.debug)
     if argv[:1] == [LINT_TRT]:
         lint_args = build_lint_parser().parse_args(argv[1:])
         return _guarded(lambda: run_lint(lint_args), lint_args.debug)
@@ -201,7 +147,10 @@ def _guarded(command: Callable[[], int], debug: bool) -> int:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.list_recipes:
         for name, recipe in builtin_recipes().items():
-            print(f"{name:16} {recipe.description}")
+            if args.verbose:
+                print("\n".join(recipe_lines(recipe, with_help=False)))
+            else:
+                print(f"{name:16} {recipe.description}")
         return 0
     if args.list_zoo:
         for name in zoo_names():
@@ -299,33 +248,6 @@ def _build_engine(result: OptimizeResult, args: argparse.Namespace, say) -> None
         say(f"  TensorRT latency: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
 
 
-def _grid(text: str) -> str:
-    try:
-        GridSpec.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def _pattern(text: str) -> tuple[int, int]:
-    n, _, m = text.partition(":")
-    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-        raise argparse.ArgumentTypeError(f"must be N:M with 0 < N < M, e.g. 2:4, got {text!r}")
-    return int(n), int(m)
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -336,35 +258,66 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+def add_alias_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared alias, typed and checked by its first target's declaration."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for alias in ALIASES:
+        group = groups.get(alias.group) or groups.setdefault(alias.group, parser.add_argument_group(alias.group))
+        spec = PASSES[alias.passes[0]].Options.spec(alias.options[0])
+        help_text = alias.help or f"{spec.help} ({', '.join(alias.passes)})"
+        if alias.action in ("store_true", "boolean"):
+            action = "store_true" if alias.action == "store_true" else argparse.BooleanOptionalAction
+            group.add_argument(alias.flag, dest=alias.name, action=action, default=None, help=help_text)
+            continue
+        if alias.action == "append":
+            group.add_argument(alias.flag, dest=alias.name, action="append", default=None, metavar=alias.metavar,
+                               help=help_text)
+            continue
+        choices = list(spec.choices) if spec.choices is not None and spec.kind == "str" else None
+        group.add_argument(alias.flag, dest=alias.name, type=_alias_type(alias, spec), choices=choices,
+                           metavar=alias.metavar or _metavar(spec), help=help_text)
+
+
+def _alias_type(alias: Alias, spec: OptionSpec):
+    def convert(text: str):
+        try:
+            return alias.parse(text) if alias.parse is not None else spec.validate(spec.parse(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = spec.kind
+    return convert
+
+
+def _metavar(spec: OptionSpec) -> str | None:
+    if spec.choices is not None and spec.kind == "str":
+        return None
+    if spec.choices is not None:
+        return "{" + ",".join(map(str, spec.choices)) + "}"
+    if spec.minimum is not None and spec.maximum is not None:
+        return f"{{{spec.minimum:g}..{spec.maximum:g}}}"
+    return spec.kind.upper()
 
 
 def _pass_options(args: argparse.Namespace) -> dict[str, object]:
-    """Command-line overrides of pass arguments (only the options the user gave)."""
-    options: dict[str, object] = {}
-    if args.act_dtype:
-        options["act_dtype"] = args.act_dtype
-    if args.calibrator:
-        options["calibrator"] = args.calibrator
-    for name in ("wbits", "abits", "metric", "twin", "twin_form", "loss", "weight_grid", "act_groups", "weight_only",
-                 "strategy", "score", "alpha", "shuffle", "absorb", "block_size", "target", "method", "learn_steps",
-                 "scale_gradient", "kv_cache", "granularity", "min_expert_tokens", "expert_fallback",
-                 "quantize_router"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    if args.nm is not None:
-        options["n"], options["m"] = args.nm
-    if args.exclude:
-        options["exclude_regex"] = args.exclude
-    if args.exclude_op:
-        options["exclude_ops"] = args.exclude_op
+    """The aliases the user gave, by name, and the ``--set`` values as per-pass tables."""
+    options: dict[str, object] = {alias.name: getattr(args, alias.name) for alias in ALIASES
+                                  if getattr(args, alias.name) is not None}
+    for text in args.set_options:
+        target, equals, value = text.partition("=")
+        pass_name, dot, option_name = target.partition(".")
+        if not equals or not dot:
+            raise UserError(f"--set {text!r}: give PASS.OPTION=VALUE, e.g. int8-qdq.calibrator=entropy")
+        if pass_name not in PASSES:
+            raise UserError(f"--set {text!r}: unknown pass {pass_name!r}; passes: {', '.join(sorted(PASSES))}")
+        try:
+            spec = PASSES[pass_name].Options.spec(option_name)
+            parsed = spec.validate(spec.parse(value))
+        except OptionError as exc:
+            raise UserError(f"--set {text!r}: pass {pass_name!r}: {exc}") from None
+        table = options.setdefault(pass_name, {})
+        assert isinstance(table, dict)
+        table[option_name] = parsed
     return options
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import statistics
 import time
@@ -18,9 +20,12 @@ from tqdm import tqdm
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.calibration.metrics import sqnr_db
-from onnxsmith.models.base import Feed, ZooModel
+from onnxsmith.core.feeds import Feed
 from onnxsmith.optimizer.layer_fidelity import activation_fidelity
 from onnxsmith.optimizer.routing import routing_probe
+
+if TYPE_CHECKING:  # the zoo model is handed in by the pipeline; this layer does not import the zoo
+    from onnxsmith.models.base import ZooModel
 
 LAYER_FEEDS = 16
 """Feeds used for the per-layer activation SQNR."""

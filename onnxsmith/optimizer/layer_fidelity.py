@@ -20,7 +20,7 @@ from tqdm import tqdm
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.calibration.collection import with_outputs
 from onnxsmith.calibration.metrics import sqnr_db
-from onnxsmith.models.base import Feed
+from onnxsmith.core.feeds import Feed
 
 CHAIN_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Clip", "Less", "Where"})
 HISTOGRAM_TENSORS = 32

@@ -6,8 +6,9 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from onnxsmith.backends.trt_lint import RULES, Finding, lint_model, summary
-from onnxsmith.optimizer.model_io import load_model
+from onnxsmith.analysis.trt_lint import RULES, Finding, lint_model, summary
+from onnxsmith.core.model_io import load_model
+from onnxsmith.optimizer.subcommands import subcommand_parser
 
 COMMAND = "lint-trt"
 SHOWN = 20
@@ -17,20 +18,17 @@ SHOWN = 20
 def build_lint_parser() -> argparse.ArgumentParser:
     """The ``optimize lint-trt`` argument parser."""
     rules = "\n".join(f"  {name:20} {text}" for name, text in RULES.items())
-    parser = argparse.ArgumentParser(
-        prog=f"optimize {COMMAND}",
-        description="Check an ONNX model against TensorRT 10's ONNX parser and quantization rules.\n"
-                    "Each finding names the node, the rule and the fix.",
-        epilog=f"rules:\n{rules}\n\nexamples:\n  optimize {COMMAND} model.opt.onnx          errors and warnings\n"
-               f"  optimize {COMMAND} model.opt.onnx --info   also speed hints\n"
-               f"  optimize {COMMAND} model.opt.onnx --json   one JSON object: findings and counts\n\n"
-               "exit codes: 0 no errors, 1 errors found, 2 bad input (one-line message; --debug for a trace)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = subcommand_parser(
+        COMMAND,
+        "Check an ONNX model against TensorRT 10's ONNX parser and quantization rules.\n"
+        "Each finding names the node, the rule and the fix.",
+        [("model.opt.onnx", "errors and warnings"), ("model.opt.onnx --info", "also speed hints"),
+         ("model.opt.onnx --json", "one JSON object: findings and counts")],
+        extra_epilog=f"rules:\n{rules}\n\n",
+        exit_codes="exit codes: 0 no errors, 1 errors found, 2 bad input (one-line message; --debug for a trace)")
     parser.add_argument("model", help="an .onnx file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
     parser.add_argument("--info", action="store_true", help="also show info findings (speed hints)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

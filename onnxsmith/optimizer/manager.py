@@ -22,21 +22,12 @@ import onnx
 
 from onnxsmith import __version__
 from onnxsmith.calibration.collection import collect
-from onnxsmith.calibration.gradients import collect_gradients
-from onnxsmith.errors import PassError, first_line
-from onnxsmith.models.base import Feed, Outputs
-from onnxsmith.optimizer.model_io import check_model
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PreconditionError, default_opset
-from onnxsmith.optimizer.verification import (
-    ValueInfoConflict,
-    changed_value_info,
-    compare_outputs,
-    generated_probe_feeds,
-    reference_outputs,
-    relax_value_info,
-    value_info_conflicts,
-    value_info_snapshot,
-)
+from onnxsmith.core.errors import PassError, first_line
+from onnxsmith.core.feeds import Feed, Outputs
+from onnxsmith.core.model_io import check_model
+from onnxsmith.core.pass_base import Pass, PassContext, PreconditionError, default_opset
+from onnxsmith.optimizer.verification import ValueInfoConflict, changed_value_info, compare_outputs, reference_outputs, relax_value_info, value_info_conflicts, value_info_snapshot
+from onnxsmith.core.feeds import generated_probe_feeds
 from onnxsmith.passes.upgrade_opset import UpgradeOpset
 
 log = logging.getLogger(__name__)
@@ -83,7 +74,7 @@ def plan_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> list[Pass]:
     planned: list[Pass] = []
     for p in passes:
         if p.min_opset is not None and current < p.min_opset:
-            planned.append(UpgradeOpset(needed))
+            planned.append(UpgradeOpset(target=needed))
             current = needed
         planned.append(p)
     return planned
@@ -269,6 +260,8 @@ class PassManager:
             raise PassError(f"calibration for pass {p.name!r} failed: {first_line(exc)}{where}") from exc
         if request is not None:
             try:
+                from onnxsmith.calibration.gradients import collect_gradients  # torch, only when a pass asks
+
                 context.gradients = collect_gradients(model, request.observers, context.calibration_data,
                                                       loss=request.loss, progress=context.progress)
             except Exception as exc:

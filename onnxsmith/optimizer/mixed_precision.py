@@ -16,7 +16,6 @@ layers, or, when no attempt passes, the attempt with the best metric value (ties
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from onnxsmith.errors import UserError
+from onnxsmith.core.errors import UserError
 from onnxsmith.optimizer.report import json_ready
 
 SQNR = "sqnr"
@@ -229,18 +228,24 @@ def _weight_readers(model: Any, weights: set[str]) -> dict[str, list[str]]:
 
 
 def exclusion_options(recipe: Any, pass_options: Mapping[str, Any] | None, layers: list[str]) -> dict[str, Any]:
-    """``pass_options`` plus the keys that keep ``layers`` float / dense in every pass of the recipe that can."""
-    from onnxsmith.passes import PASSES
+    """``pass_options`` as per-pass tables (:meth:`Recipe.overrides`) plus the options that keep ``layers`` float /
+    dense in every pass of the recipe that declares ``exclude_nodes`` (else ``exclude_regex``)."""
+    from onnxsmith.optimizer.registry import PASSES
 
-    options = dict(pass_options or {})
+    options = recipe.overrides(pass_options)
     if not layers:
         return options
-    accepted = [set(inspect.signature(PASSES[name]).parameters) for name in recipe.passes]
-    if any("exclude_nodes" in keys for keys in accepted):
-        options["exclude_nodes"] = list(options.get("exclude_nodes", [])) + list(layers)
-    if any("exclude_regex" in keys and "exclude_nodes" not in keys for keys in accepted):
-        options["exclude_regex"] = list(options.get("exclude_regex", [])) + [f"^{re.escape(n)}$" for n in layers]
-    if "exclude_nodes" not in options and "exclude_regex" not in options:
+    exact = [f"^{re.escape(name)}$" for name in layers]
+    excluding = False
+    for name in dict.fromkeys(recipe.passes):
+        declared = {spec.name for spec in PASSES[name].Options.specs()}
+        key, added = ("exclude_nodes", layers) if "exclude_nodes" in declared else ("exclude_regex", exact)
+        if key not in declared:
+            continue
+        current = options.get(name, {}).get(key, recipe.options.get(name, {}).get(key, ()))
+        options.setdefault(name, {})[key] = (*current, *added)
+        excluding = True
+    if not excluding:
         raise UserError(f"recipe {recipe.name!r} has no pass that can keep layers in float (exclude_nodes)")
     return options
 

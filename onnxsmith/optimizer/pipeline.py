@@ -11,18 +11,19 @@ from typing import Any
 
 import onnx
 
-from onnxsmith.backends.trt_lint import Finding, lint_model
-from onnxsmith.calibration.gradients import TASK_KEY, model_task
+from onnxsmith.analysis.trt_lint import Finding, lint_model
+from onnxsmith.calibration.learning import TASK_KEY, model_task
 from onnxsmith.calibration.readers import CalibrationSource, load_calibration, random_calibration
-from onnxsmith.errors import UserError
-from onnxsmith.models.base import Feed, ZooModel
+from onnxsmith.core.errors import UserError
+from onnxsmith.models.base import ZooModel
+from onnxsmith.core.feeds import Feed
 from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
 from onnxsmith.optimizer.evaluation import Evaluation, evaluate
 from onnxsmith.optimizer.manager import PassManager, PassRecord, plan_passes
-from onnxsmith.optimizer.model_io import load_model, save_model
-from onnxsmith.optimizer.pass_base import Pass, PassContext
+from onnxsmith.core.model_io import load_model, save_model
+from onnxsmith.core.pass_base import Pass, PassContext
 from onnxsmith.optimizer.recipes import DEFAULT_RECIPE, Recipe, load_recipe
-from onnxsmith.optimizer.verification import generated_probe_feeds
+from onnxsmith.core.feeds import generated_probe_feeds
 
 ZOO_PREFIX = "zoo:"
 PROBE_FEEDS = 2
@@ -163,8 +164,8 @@ def engine_feeds(result: OptimizeResult, calib: CalibrationSource | None) -> lis
 
 
 def targets_tensorrt(passes: list[Pass]) -> bool:
-    """Whether a pass list writes TensorRT's forms: int8 activations (zero point 0) or ``target="tensorrt"``."""
-    return any(getattr(p, "act_dtype", None) == "int8" or getattr(p, "target", None) == "tensorrt" for p in passes)
+    """Whether a pass list writes TensorRT's forms (see :meth:`Pass.targets_tensorrt`)."""
+    return any(p.targets_tensorrt() for p in passes)
 
 
 def _set_task(model: onnx.ModelProto, task: str) -> None:

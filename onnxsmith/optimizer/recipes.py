@@ -1,13 +1,13 @@
 """Recipes: TOML files naming an ordered pass list with per-pass options.
 
 A recipe file has ``description`` (one line), ``passes`` (pass names, in order) and optionally
-``[options.PASS-NAME]`` tables whose keys are that pass's constructor arguments. Unknown keys are errors.
+``[options.PASS-NAME]`` tables of that pass's declared options (:mod:`onnxsmith.core.options`), validated when
+the recipe is read: unknown keys and refused values are errors.
 Built-in recipes are the ``*.toml`` files of the ``onnxsmith.recipes`` package; users copy and edit one.
 """
 
 from __future__ import annotations
 
-import inspect
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,8 +15,11 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-from onnxsmith.errors import UserError
-from onnxsmith.optimizer.pass_base import Pass
+from onnxsmith.core.errors import UserError
+from onnxsmith.core.options import OptionError, PassOptions
+from onnxsmith.core.pass_base import Pass
+from onnxsmith.optimizer.aliases import ALIASES_BY_NAME
+from onnxsmith.optimizer.registry import PASSES
 
 DEFAULT_RECIPE = "cleanup"
 _TOP_LEVEL_KEYS = {"description", "passes", "options"}
@@ -32,29 +35,60 @@ class Recipe:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
 
-    def build(self, overrides: Mapping[str, Any] | None = None) -> list[Pass]:
-        """Instantiate the passes (a pass named twice shares its options).
+    def overrides(self, pass_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """``pass_options`` as option values by pass name, for this recipe's passes.
 
-        ``overrides`` (e.g. ``{"calibrator": "entropy"}`` from the command line) go to every pass whose
-        constructor takes that argument; a key no pass of the recipe takes is a :class:`UserError`.
+        A key is a pass of the recipe with a table of its options (``{"prune-nm": {"n": 4, "m": 8}}``), or a
+        global alias (:mod:`onnxsmith.optimizer.aliases`, e.g. ``{"nm": (2, 4)}``), which sets its options in
+        the recipe's passes it names; a pass's own table wins over aliases. Anything else is a
+        :class:`UserError`.
         """
-        from onnxsmith.passes import PASSES
-
-        overrides = dict(overrides or {})
-        unused = set(overrides)
-        built = []
-        for pass_name in self.passes:
-            accepted = set(inspect.signature(PASSES[pass_name]).parameters)
-            applicable = {k: v for k, v in overrides.items() if k in accepted}
-            unused -= set(applicable)
-            kwargs = {**self.options.get(pass_name, {}), **applicable}
+        pass_options = dict(pass_options or {})
+        nested: dict[str, dict[str, Any]] = {}
+        tables = {}
+        for key, value in pass_options.items():
+            if key in PASSES:
+                if key not in self.passes:
+                    raise UserError(f"recipe {self.name!r} has no pass {key!r}; its passes: {', '.join(self.passes)}")
+                if not isinstance(value, Mapping):
+                    raise UserError(f"options of pass {key!r} must be a table of option values, got {value!r}")
+                tables[key] = dict(value)
+                continue
+            alias = ALIASES_BY_NAME.get(key)
+            if alias is None:
+                raise UserError(f"unknown option {key!r}: give a pass name with a table of its options, or one of "
+                                f"the aliases {', '.join(ALIASES_BY_NAME)}")
+            targets = [name for name in alias.passes if name in self.passes]
+            if not targets:
+                raise UserError(f"recipe {self.name!r} has no pass that takes {alias.flag} "
+                                f"(it sets {', '.join(alias.targets())})")
             try:
-                built.append(PASSES[pass_name](**kwargs))
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"recipe {self.name!r}: bad options for pass {pass_name!r}: {exc}") from exc
-        if unused:
-            raise UserError(f"recipe {self.name!r} has no pass that takes {sorted(unused)}")
-        return built
+                values = alias.values(value)
+            except ValueError as exc:
+                raise UserError(f"{alias.flag}: {exc}") from None
+            for name in targets:
+                nested.setdefault(name, {}).update(values)
+        for name, table in tables.items():
+            nested.setdefault(name, {}).update(table)
+        return nested
+
+    def settings(self, pass_options: Mapping[str, Any] | None = None) -> dict[str, PassOptions]:
+        """Every pass's validated options: its declared defaults, the recipe's table, then ``pass_options``
+        (see :meth:`overrides`); a value a declaration refuses is a :class:`UserError` naming pass and option."""
+        overrides = self.overrides(pass_options)
+        settings = {}
+        for name in dict.fromkeys(self.passes):
+            values = {**self.options.get(name, {}), **overrides.get(name, {})}
+            try:
+                settings[name] = PASSES[name].Options.build(values)
+            except OptionError as exc:
+                raise UserError(f"recipe {self.name!r}: pass {name!r}: {exc}") from None
+        return settings
+
+    def build(self, pass_options: Mapping[str, Any] | None = None) -> list[Pass]:
+        """Instantiate the passes with :meth:`settings` (a pass named twice shares its options)."""
+        settings = self.settings(pass_options)
+        return [PASSES[name](settings[name]) for name in self.passes]
 
 
 def builtin_recipes() -> dict[str, Recipe]:
@@ -83,8 +117,6 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def parse_recipe(text: str, name: str, source: str) -> Recipe:
     """Parse and validate recipe TOML; every problem is a :class:`UserError` naming the source."""
-    from onnxsmith.passes import PASSES
-
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -102,11 +134,8 @@ def parse_recipe(text: str, name: str, source: str) -> Recipe:
     for pass_name, pass_options in options.items():
         if pass_name not in passes or not isinstance(pass_options, dict):
             raise UserError(f"recipe {source}: [options.{pass_name}] names no pass of this recipe")
-        accepted = set(inspect.signature(PASSES[pass_name]).parameters)
-        unknown_options = set(pass_options) - accepted
-        if unknown_options:
-            raise UserError(
-                f"recipe {source}: unknown options {sorted(unknown_options)} for pass {pass_name!r}; "
-                f"allowed: {sorted(accepted) or 'none'}"
-            )
+        try:
+            PASSES[pass_name].Options.build(pass_options)
+        except OptionError as exc:
+            raise UserError(f"recipe {source}: pass {pass_name!r}: {exc}") from None
     return Recipe(name, str(data.get("description", "")), tuple(passes), options, source)

@@ -17,11 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from onnxsmith.backends.trt_lint import summary
-from onnxsmith.errors import UserError
-from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+from onnxsmith.analysis.trt_lint import summary
+from onnxsmith.core.errors import UserError
+from onnxsmith.analysis.sparsity import inspect_sparsity
 from onnxsmith.optimizer import report_plots
-from onnxsmith.optimizer.model_io import load_model
+from onnxsmith.core.model_io import load_model
 from onnxsmith.optimizer.pipeline import OptimizeResult
 from onnxsmith.optimizer.report_plots import TwinRange, UniformRange
 

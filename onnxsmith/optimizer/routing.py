@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxsmith.passes.graph_utils import import_graph
-from onnxsmith.passes.moe_patterns import find_moe_layers
+from onnxsmith.core.graph import import_graph
+from onnxsmith.analysis.moe_patterns import find_moe_layers
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Layers reading the same input (q/k/v after one norm, gate/up, down_proj alone) form a group that shares one
 factor ``s [K]`` searched by :func:`onnxsmith.calibration.awq.search_awq` (round-to-nearest INT4 at the layer's
 block size, output error through the input's Gram matrix from calibration). The group's weights become
-``diag(s) W`` and ``1/s`` is folded into the op producing the input (:mod:`onnxsmith.passes.channel_scaling`), so
+``diag(s) W`` and ``1/s`` is folded into the op producing the input (:mod:`onnxsmith.rewrite.channel_scaling`), so
 the float model computes the same outputs (verified by the pass manager) while the salient input channels' weights
 get more of the INT4 grid. Groups are handled last first: a group's factors may land in an earlier layer's weight
 columns (down_proj into up_proj), which that layer's own search then sees. A group whose producer cannot absorb the
@@ -13,17 +13,25 @@ factors, or whose best factor is ``alpha = 0``, is left unchanged and reported. 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from onnxsmith.calibration.awq import search_awq
 from onnxsmith.calibration.observers import GramObserver, Observer
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.channel_scaling import plan_input_scaling
-from onnxsmith.passes.graph_utils import export_graph, import_graph
-from onnxsmith.passes.int4_weight import Int4Layer, Int4Weight
+from onnxsmith.core.graph import export_graph, import_graph
+from onnxsmith.core.options import option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.rewrite.channel_scaling import plan_input_scaling
+from onnxsmith.rewrite.int4_layers import Int4Layer, Int4SelectionOptions
+
+
+@dataclass(frozen=True)
+class AwqScaleOptions(Int4SelectionOptions):
+    """``int4-weight``'s layer selection (same ``block_size``, ``target``, ``exclude_*``) and the AWQ search."""
+
+    awq_grid: int = option(20, "candidate exponents of the AWQ search", minimum=1)
 
 
 class AwqScale(Pass):
@@ -35,13 +43,13 @@ class AwqScale(Pass):
     tolerance = Tolerance(atol=1e-4, rtol=1e-3)  # rescaled float weights round differently
     needs_calibration = True
 
-    def __init__(self, block_size: int = 64, target: str = "tensorrt", awq_grid: int = 20,
-                 exclude_nodes: Sequence[str] = (), exclude_regex: Sequence[str] = ()) -> None:
-        if awq_grid < 1:
-            raise ValueError(f"awq_grid must be >= 1, got {awq_grid!r}")
-        self.selector = Int4Weight(block_size=block_size, method="rtn", target=target,
-                                   exclude_nodes=exclude_nodes, exclude_regex=exclude_regex)
-        self.awq_grid = awq_grid
+    Options = AwqScaleOptions
+
+    def configure(self) -> None:
+        self.selector = self.options.selection()
+
+    def targets_tensorrt(self) -> bool:
+        return self.options.target == "tensorrt"
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         layers, _ = self.selector.layers(import_graph(model))
@@ -64,7 +72,7 @@ class AwqScale(Pass):
                                 else "the group's layers use different block sizes"})
                 continue
             gram = np.asarray(context.calibration[name].gram, dtype=np.float64)
-            choice = search_awq(gram, [layer.w for layer in members], blocks.pop(), self.awq_grid)
+            choice = search_awq(gram, [layer.w for layer in members], blocks.pop(), self.options.awq_grid)
             detail = {"input": name, "layers": nodes, "alpha": choice.alpha, "rtn_error": choice.rtn_error,
                       "error": choice.error}
             if choice.alpha == 0:

@@ -6,13 +6,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.graph_utils import all_graphs, export_graph, import_graph
-from onnxsmith.passes.constants_to_initializers import _SCALAR_ATTRIBUTES
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, Tolerance
+from dataclasses import dataclass
+
+from onnxsmith.core.graph import SCALAR_CONSTANT_ATTRIBUTES, all_graphs, export_graph, import_graph
+from onnxsmith.core.options import PassOptions, option
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 DEFAULT_SIZE_THRESHOLD = 16 * 2**20
 """Folded tensors larger than this (bytes) are left unfolded, so folding never bloats the model."""
+
+
+@dataclass(frozen=True)
+class ConstantFoldingOptions(PassOptions):
+    size_threshold: int = option(DEFAULT_SIZE_THRESHOLD, "fold results up to this many bytes", minimum=0)
 
 
 class ConstantFolding(Pass):
@@ -27,9 +34,7 @@ class ConstantFolding(Pass):
     description = "fold constant subexpressions and resolved shape arithmetic (onnx-graphsurgeon)"
     lossless = True
     tolerance = Tolerance(atol=1e-5, rtol=1e-4)
-
-    def __init__(self, size_threshold: int = DEFAULT_SIZE_THRESHOLD) -> None:
-        self.size_threshold = size_threshold
+    Options = ConstantFoldingOptions
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         if not any(node.op_type in SUBGRAPH_OPS for node in model.graph.node):
@@ -44,7 +49,7 @@ class ConstantFolding(Pass):
         graph = import_graph(model)
         _typed_constant_attributes(graph)
         before = len(graph.nodes)
-        graph.fold_constants(fold_shapes=True, size_threshold=self.size_threshold, error_ok=True,
+        graph.fold_constants(fold_shapes=True, size_threshold=self.options.size_threshold, error_ok=True,
                              flatten_subgraphs=flatten_subgraphs)
         graph.cleanup(remove_unused_graph_inputs=False)
         removed = before - len(graph.nodes)
@@ -70,7 +75,7 @@ def _typed_constant_attributes(graph: gs.Graph) -> None:
         for node in g.nodes:
             if node.op != "Constant":
                 continue
-            for attribute, dtype in _SCALAR_ATTRIBUTES.items():
+            for attribute, dtype in SCALAR_CONSTANT_ATTRIBUTES.items():
                 if attribute in node.attrs:
                     values = np.array(node.attrs.pop(attribute), dtype=dtype)
                     node.attrs["value"] = gs.Constant(f"{node.outputs[0].name}_value", values)

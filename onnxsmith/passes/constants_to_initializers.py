@@ -6,15 +6,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import all_graphs, export_graph, import_graph
-
-_SCALAR_ATTRIBUTES = {
-    "value_float": np.float32,
-    "value_floats": np.float32,
-    "value_int": np.int64,
-    "value_ints": np.int64,
-}
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.core.graph import SCALAR_CONSTANT_ATTRIBUTES, all_graphs, export_graph, import_graph
 
 
 class ConstantsToInitializers(Pass):
@@ -52,7 +45,7 @@ def _constant_values(node: gs.Node) -> np.ndarray | None:
     if "value" in node.attrs:
         value = node.attrs["value"]
         return value.values if isinstance(value, gs.Constant) else None
-    for attribute, dtype in _SCALAR_ATTRIBUTES.items():
+    for attribute, dtype in SCALAR_CONSTANT_ATTRIBUTES.items():
         if attribute in node.attrs:
             return np.array(node.attrs[attribute], dtype=dtype)
     return None

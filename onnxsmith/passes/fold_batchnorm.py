@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.core.graph import export_graph, import_graph
 
 
 class FoldBatchNorm(Pass):

@@ -1,6 +1,6 @@
 """Lossy: int8 QDQ on the keys and values an attention stores in its KV cache, placed at the producer.
 
-Every stored tensor :func:`onnxsmith.passes.kv_patterns.find_stored_kv` finds (the new tokens' keys after the
+Every stored tensor :func:`onnxsmith.analysis.kv_patterns.find_stored_kv` finds (the new tokens' keys after the
 rotary embedding, and values, before they are concatenated to the past) gets one symmetric int8
 ``QuantizeLinear -> DequantizeLinear`` pair read by all its readers, so the cache holds int8-representable values
 and every consumer layer (two under cross-layer attention) reads the same quantized tensor. ``granularity``:
@@ -15,19 +15,29 @@ serving loop around onnxruntime) holds one byte per element plus the scales.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.observers import MinMaxObserver, Observer, PerChannelMinMaxObserver
 from onnxsmith.calibration.qparams import symmetric_scale
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
-from onnxsmith.passes.kv_patterns import StoredKV, find_stored_kv, trace_path
-from onnxsmith.passes.qdq_nodes import insert_qdq
+from onnxsmith.core.options import PassOptions, option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.core.graph import export_graph, import_graph
+from onnxsmith.analysis.kv_patterns import StoredKV, find_stored_kv, trace_path
+from onnxsmith.rewrite.qdq_nodes import insert_qdq
 
 KV_DTYPES = ("int8", "none")
 GRANULARITIES = ("per-tensor", "per-head")
+
+
+@dataclass(frozen=True)
+class KvCacheOptions(PassOptions):
+    kv_cache: str = option("int8", "store the cache as int8, or leave it float (none)", choices=KV_DTYPES)
+    granularity: str = option("per-tensor", "one scale per stored tensor, or one per KV head", choices=GRANULARITIES)
+    head_axis: int = option(1, "the heads axis of the stored tensors (per-head scales)", minimum=0)
 
 
 class KvCacheQuantize(Pass):
@@ -38,21 +48,15 @@ class KvCacheQuantize(Pass):
     lossless = False
     needs_calibration = True
     min_opset = 13
-
-    def __init__(self, kv_cache: str = "int8", granularity: str = "per-tensor", head_axis: int = 1) -> None:
-        if kv_cache not in KV_DTYPES:
-            raise ValueError(f"kv_cache must be one of {list(KV_DTYPES)}, got {kv_cache!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
-        self.kv_cache, self.granularity, self.head_axis = kv_cache, granularity, head_axis
+    Options = KvCacheOptions
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
-        if self.kv_cache == "none":
+        if self.options.kv_cache == "none":
             return {}
         return {entry.tensor.name: self._observer(entry.tensor.name) for entry in find_stored_kv(import_graph(model))}
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
-        if self.kv_cache == "none":
+        if self.options.kv_cache == "none":
             return PassResult(model, False, {"kv_cache": "none"})
         graph = import_graph(model)
         stored = find_stored_kv(graph)
@@ -66,14 +70,14 @@ class KvCacheQuantize(Pass):
             "keys": sum(entry.kind == "key" for entry in stored),
             "values": sum(entry.kind == "value" for entry in stored),
             "shared_across_layers": sum(len(entry.consumers) > 1 for entry in stored),
-            "granularity": self.granularity,
+            "granularity": self.options.granularity,
         }
         modified = bool(stored)
         return PassResult(export_graph(graph, model) if modified else model, modified, changes, details)
 
     def _observer(self, name: str) -> Observer:
-        if self.granularity == "per-head":
-            return PerChannelMinMaxObserver(self.head_axis, name=name)
+        if self.options.granularity == "per-head":
+            return PerChannelMinMaxObserver(self.options.head_axis, name=name)
         return MinMaxObserver(name=name)
 
     def _quantize(self, graph: gs.Graph, entry: StoredKV, observer: Observer) -> dict:
@@ -82,7 +86,7 @@ class KvCacheQuantize(Pass):
             raise ValueError(f"stored {entry.kind} tensor {entry.tensor.name!r} saw no calibration values")
         amax = np.maximum(np.abs(np.asarray(observer.min)), np.abs(np.asarray(observer.max)))
         scale = symmetric_scale(amax, bits=8)
-        axis = self.head_axis if self.granularity == "per-head" else None
+        axis = self.options.head_axis if self.options.granularity == "per-head" else None
         zero_point = np.zeros(scale.shape, dtype=np.int8)
         readers = [(node, i) for node in list(entry.tensor.outputs)
                    for i, tensor in enumerate(node.inputs) if tensor is entry.tensor]
@@ -90,7 +94,7 @@ class KvCacheQuantize(Pass):
         for node, index in readers:
             node.inputs[index] = dequantized
         return {"tensor": entry.tensor.name, "kind": f"kv-{entry.kind}", "dtype": "int8",
-                "granularity": self.granularity, "scale": np.asarray(scale).tolist(), "qdq": dequantized.name,
+                "granularity": self.options.granularity, "scale": np.asarray(scale).tolist(), "qdq": dequantized.name,
                 "past": entry.past, "present": entry.present, "consumers": list(entry.consumers)}
 
 

@@ -1,7 +1,7 @@
 """Lossy: INT8 QDQ for mixture-of-experts models, calibrated expert by expert (Hunyuan-Large's implications).
 
 Placement and numerics are ``int8-qdq``'s (per-channel int8 weights, per-tensor activations), with three changes
-for every MoE layer :func:`onnxsmith.passes.moe_patterns.find_moe_layers` recognises:
+for every MoE layer :func:`onnxsmith.analysis.moe_patterns.find_moe_layers` recognises:
 
 * the **router** GEMM stays float and reads the float MoE input (``quantize_router=True`` quantizes it);
 * a **routed expert's** activation inputs are calibrated only on the tokens routed to it
@@ -17,20 +17,22 @@ Every expert's token count, form and fallback are in the pass details (``kind: "
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxsmith.analysis.moe_patterns import MoeLayer, find_moe_layers
+from onnxsmith.analysis.qdq_placement import Placement
 from onnxsmith.calibration.observers import Observer
 from onnxsmith.calibration.routing import RoutedObserver
-from onnxsmith.optimizer.pass_base import PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
-from onnxsmith.passes.moe_patterns import MoeLayer, find_moe_layers
-from onnxsmith.passes.qdq_int8 import Placement, QuantizeInt8, quantize_weights
-from onnxsmith.passes.qdq_nodes import insert_qdq
+from onnxsmith.core.graph import export_graph, import_graph
+from onnxsmith.core.options import option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.rewrite.int8_qdq import CalibratedOptions, activation_observer, activation_qparams, quantize_weights
+from onnxsmith.rewrite.qdq_nodes import insert_qdq
 
 FALLBACKS = ("weight-only", "shared-scale")
 
@@ -55,42 +57,36 @@ class MoePlan:
     groups: dict[str, ActivationGroup]
 
 
-class MoeQuantize(QuantizeInt8):
+@dataclass(frozen=True)
+class MoeQuantizeOptions(CalibratedOptions):
+    """``int8-qdq``'s placement and ranges, and the expert handling."""
+
+    min_expert_tokens: int = option(32, "experts routed fewer calibration tokens fall back", minimum=1)
+    expert_fallback: str = option("weight-only", "what a few-token expert gets: float activations, or the MoE "
+                                  "input's scale", choices=FALLBACKS)
+    quantize_router: bool = option(False, "quantize the router too (default: router and its input stay float)")
+
+
+class MoeQuantize(Pass):
     """W8A8 QDQ with expert-aware calibration and router protection; see the module docstring."""
 
     name = "moe-qdq"
     description = "INT8 QDQ for MoE: experts calibrated on their routed tokens, router kept float, few-token fallback"
+    lossless = False
+    needs_calibration = True
+    min_opset = 13
 
-    def __init__(
-        self,
-        min_expert_tokens: int = 32,
-        expert_fallback: str = "weight-only",
-        quantize_router: bool = False,
-        act_dtype: str = "uint8",
-        calibrator: str = "minmax",
-        percentile: float = 99.999,
-        activation_matmuls: bool = True,
-        exclude_nodes: Sequence[str] = (),
-        exclude_ops: Sequence[str] = (),
-        exclude_regex: Sequence[str] = (),
-    ) -> None:
-        super().__init__(act_dtype=act_dtype, calibrator=calibrator, percentile=percentile,
-                         activation_matmuls=activation_matmuls, exclude_nodes=exclude_nodes,
-                         exclude_ops=exclude_ops, exclude_regex=exclude_regex)
-        if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
-            raise ValueError(f"min_expert_tokens must be a positive integer, got {min_expert_tokens!r}")
-        if expert_fallback not in FALLBACKS:
-            raise ValueError(f"expert_fallback must be one of {list(FALLBACKS)}, got {expert_fallback!r}")
-        self.min_expert_tokens = min_expert_tokens
-        self.expert_fallback = expert_fallback
-        self.quantize_router = quantize_router
-        self._routers: set[str] = set()
+    Options = MoeQuantizeOptions
+
+    def configure(self) -> None:
+        self.placer = self.options.placer()
 
     def plan(self, graph: gs.Graph) -> MoePlan:
         """MoE layers, placement and activation groups of ``graph`` (no edits)."""
         layers = find_moe_layers(graph)
-        self._routers = set() if self.quantize_router else {layer.router for layer in layers}
-        placement = self.place(graph)
+        kept = {} if self.options.quantize_router else {
+            layer.router: "MoE router kept in high precision (quantize_router=False)" for layer in layers}
+        placement = dataclasses.replace(self.placer, kept_float=kept).place(graph)
         owners = {name: (i, expert.index, expert.dispatched)
                   for i, layer in enumerate(layers) for expert in layer.experts.values() for name in expert.gemms}
         groups: dict[str, ActivationGroup] = {}
@@ -104,36 +100,34 @@ class MoeQuantize(QuantizeInt8):
                 groups[key] = ActivationGroup(tensor, readers, owner)
         return MoePlan(layers, placement, groups)
 
+    def targets_tensorrt(self) -> bool:
+        return self.options.act_dtype == "int8"
+
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer | RoutedObserver]:
         plan = self.plan(import_graph(model))
         observers: dict[str, Observer | RoutedObserver] = {}
         for key, group in plan.groups.items():
             if group.expert is None:
-                observers[key] = self._observer(key)
+                observers[key] = activation_observer(self.options.calibrator, key)
                 continue
             layer = plan.layers[group.expert[0]]
             expert = layer.experts[group.expert[1]]
-            observers[key] = RoutedObserver(self._observer(key), group.tensor, layer.choice, expert.index,
+            observers[key] = RoutedObserver(activation_observer(self.options.calibrator, key), group.tensor, layer.choice, expert.index,
                                             top_k=layer.top_k, select_rows=not expert.dispatched)
         for layer in plan.layers:  # the MoE input's own statistics over every token (shared-scale fallback)
-            observers.setdefault(layer.input, self._observer(layer.input))
+            observers.setdefault(layer.input, activation_observer(self.options.calibrator, layer.input))
         return observers
-
-    def _exclusion(self, node: gs.Node) -> str | None:
-        if node.name in self._routers:
-            return "MoE router kept in high precision (quantize_router=False)"
-        return super()._exclusion(node)
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
         plan = self.plan(graph)
         weights_quantized, details = quantize_weights(graph, plan.placement.weights)
         tokens = _expert_tokens(plan, context)
-        fallen = {owner for owner, count in tokens.items() if count < self.min_expert_tokens}
+        fallen = {owner for owner, count in tokens.items() if count < self.options.min_expert_tokens}
         if fallen:
             named = ", ".join(f"{plan.layers[i].router} expert {e} ({tokens[i, e]} tokens)" for i, e in sorted(fallen))
             log.warning("moe-qdq: %d experts got fewer than %d calibration tokens and use the %s fallback: %s",
-                        len(fallen), self.min_expert_tokens, self.expert_fallback, named)
+                        len(fallen), self.options.min_expert_tokens, self.options.expert_fallback, named)
         entries = {(i, expert.index): set(expert.entries)
                    for i, layer in enumerate(plan.layers) for expert in layer.experts.values()}
         tensors = graph.tensors()
@@ -142,7 +136,7 @@ class MoeQuantize(QuantizeInt8):
             observer = context.calibration[key]
             readers = group.consumers
             if group.expert in fallen:
-                if self.expert_fallback == "weight-only":
+                if self.options.expert_fallback == "weight-only":
                     continue
                 readers = [(node, i) for node, i in readers if node.name in entries[group.expert]]
                 if not readers:
@@ -150,12 +144,12 @@ class MoeQuantize(QuantizeInt8):
                 observer = context.calibration[plan.layers[group.expert[0]].input]
             elif isinstance(observer, RoutedObserver):
                 observer = observer.inner
-            scale, zero_point, value_range = self._activation_qparams(observer)
+            scale, zero_point, value_range = activation_qparams(observer, self.options)
             dequantized = insert_qdq(graph, tensors[group.tensor], scale, zero_point, prefix=_prefix(key, group))
             for node, index in readers:
                 node.inputs[index] = dequantized
             quantized += 1
-            details.append({"tensor": group.tensor, "kind": "activation", "dtype": self.act_dtype,
+            details.append({"tensor": group.tensor, "kind": "activation", "dtype": self.options.act_dtype,
                             "range": value_range, "scale": float(scale), "zero_point": int(zero_point),
                             "consumers": [node.name for node, _ in readers],
                             **({"expert": list(group.expert)} if group.expert else {})})
@@ -170,7 +164,7 @@ class MoeQuantize(QuantizeInt8):
             "moe_layers": len(plan.layers),
             "routed_experts": sum(len(layer.experts) for layer in plan.layers),
             "experts_fallback": len(fallen),
-            "router_quantized": self.quantize_router,
+            "router_quantized": self.options.quantize_router,
         }
         if tokens:
             changes["expert_tokens_min"] = min(tokens.values())
@@ -184,7 +178,7 @@ class MoeQuantize(QuantizeInt8):
         for i, layer in enumerate(plan.layers):
             details.append({"kind": "router", "node": layer.router, "input": layer.input, "choice": layer.choice,
                             "top_k": layer.top_k, "form": layer.form,
-                            "precision": "int8" if self.quantize_router else "float"})
+                            "precision": "int8" if self.options.quantize_router else "float"})
             if layer.shared:
                 details.append({"kind": "shared-expert", "moe_layer": layer.router, "gemms": layer.shared})
             for expert in layer.experts.values():
@@ -192,8 +186,8 @@ class MoeQuantize(QuantizeInt8):
                 if count is None:
                     activation = "not quantized (excluded)"
                 elif (i, expert.index) in fallen:
-                    activation = (f"{self.expert_fallback} fallback: {count} calibration tokens < "
-                                  f"min_expert_tokens {self.min_expert_tokens}")
+                    activation = (f"{self.options.expert_fallback} fallback: {count} calibration tokens < "
+                                  f"min_expert_tokens {self.options.min_expert_tokens}")
                 else:
                     activation = "calibrated on its routed tokens"
                 details.append({"kind": "expert", "moe_layer": layer.router, "expert": expert.index,

@@ -39,26 +39,22 @@ float layer's output on ``learn_rows`` calibration rows drawn at random (fixed s
 starting from the searched steps; the best steps seen are kept, so a layer's reconstruction error never rises.
 Twin-uniform and grouped activations keep their searched steps. ``rounding="gptq"`` then rounds the weights of
 MatMul / Gemm layers with a per-output-channel grid by GPTQ (error compensation through the inverse Gram matrix of
-the layer's float input rows; :func:`onnxsmith.calibration.int4.gptq_quantize`): with learned steps, or
+the layer's float input rows; :func:`onnxsmith.calibration.gptq.gptq_quantize`): with learned steps, or
 ``wbits != 4``, those steps fixed; else 4-bit blocks get GPTQ's own MSE-clipped steps on the updated weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from onnxsmith.calibration.blocks import BlockGrid, GridSpec, initial_weight_steps
-from onnxsmith.calibration.gradients import LOSSES
-from onnxsmith.calibration.int4 import BLOCK_SIZES, dequantize_blocks, gptq_quantize
-from onnxsmith.calibration.lsq import SCALE_GRADIENTS, block_expander, train_layer
+from onnxsmith.calibration.int4 import BLOCK_SIZES, dequantize_blocks
+from onnxsmith.calibration.learning import LOSSES, SCALE_GRADIENTS
 from onnxsmith.calibration.metrics import METRICS, sqnr_db
 from onnxsmith.calibration.observers import Observer, SampleObserver
 from onnxsmith.calibration.scale_search import (
@@ -70,24 +66,59 @@ from onnxsmith.calibration.scale_search import (
     search_layer,
 )
 from onnxsmith.calibration.twin_uniform import TwinParams
-from onnxsmith.optimizer.pass_base import GradientRequest, Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph, store_as_int4
-from onnxsmith.passes.qdq_int8 import ACT_DTYPES, TWIN_FORMS, Placement, QuantizeInt8
-from onnxsmith.passes.qdq_nodes import (
-    insert_grouped_fake_quant,
-    insert_symmetric_qdq,
-    insert_twin,
-    insert_twin_parts,
-    quantize_weight,
-    quantize_weight_blocks,
-    split_gemm,
-    weight_input_axis,
-    weight_site,
-)
+from onnxsmith.analysis.qdq_placement import Placement
+from onnxsmith.analysis.weights import weight_input_axis, weight_site
+from onnxsmith.core.graph import export_graph, import_graph, store_as_int4
+from onnxsmith.core.options import option
+from onnxsmith.core.pass_base import GradientRequest, Pass, PassContext, PassResult
+from onnxsmith.rewrite.int8_qdq import PlacementOptions, act_dtype_option, twin_form_option
+from onnxsmith.rewrite.qdq_nodes import (insert_grouped_fake_quant, insert_symmetric_qdq, insert_twin,
+                                         insert_twin_parts, quantize_weight, quantize_weight_blocks, split_gemm)
 
 MIN_BITS, MAX_BITS = 4, 8
 GRADIENT_FREE_METRIC = "cosine"
 """The metric the Hessian search falls back to when the graph's gradients cannot be computed."""
+
+
+@dataclass(frozen=True)
+class PtqOptions(PlacementOptions):
+    """The search, the numerics, the granularity and the learned steps of the module docstring."""
+
+    wbits: int = option(8, "weight bits", minimum=MIN_BITS, maximum=MAX_BITS)
+    abits: int = option(8, "activation bits", minimum=MIN_BITS, maximum=MAX_BITS)
+    metric: str = option("cosine", "layer-wise scale search metric", choices=METRICS)
+    twin: bool = option(False, "twin-uniform quantizers on post-Softmax/GELU GEMM inputs")
+    twin_form: str = twin_form_option()
+    act_dtype: str = act_dtype_option()
+    loss: str = option("auto", "loss whose gradients weight the hessian metric (auto: from the model's task)",
+                       choices=LOSSES)
+    rounds: int = option(3, "alternating search rounds (0: the initial max-based steps)", minimum=0)
+    n: int = option(100, "candidate steps per search round", minimum=1)
+    alpha: float = option(0.01, "smallest candidate step, as a multiple of the initial step", above=0)
+    beta: float = option(1.2, "largest candidate step, as a multiple of the initial step", above=0)
+    samples: int = option(32, "calibration feeds the search reads", minimum=1)
+    weight_grid: str = option("per-channel", "weight blocks: output x input channel blocks, e.g. 16x4, allx2, "
+                              "per-channel, per-tensor", check=GridSpec.parse)
+    act_groups: int = option(1, "activation feature groups with one step each (fake-quant only)", minimum=1)
+    weight_only: bool = option(False, "quantize weights only; activations stay float")
+    block_size: int | None = option(None, "input channels per weight step (overrides weight_grid)", minimum=1)
+    weight_dtype: str = option("int8", "storage of blocked weights: int8, or packed INT4 (wbits <= 4)",
+                               choices=("int8", "int4"))
+    learn_steps: int = option(0, "LSQ training steps per layer (0: no learning)", minimum=0)
+    learn_lr: float = option(5e-3, "learning rate of the LSQ steps", above=0)
+    learn_rows: int = option(512, "calibration rows the LSQ steps are trained on", minimum=1)
+    search_rows: int = option(8192, "most GEMM rows a layer's search reads, drawn evenly from the samples (0: all)",
+                              minimum=0)
+    scale_gradient: str = option("lsq", "gradient of the learned steps (clip: saturation term only)",
+                                 choices=SCALE_GRADIENTS)
+    rounding: str = option("nearest", "round to nearest, or GPTQ's error-compensating rounding",
+                           choices=("nearest", "gptq"))
+
+    def check(self) -> None:
+        if self.alpha > self.beta:
+            raise ValueError(f"need alpha <= beta, got alpha={self.alpha}, beta={self.beta}")
+        if self.weight_dtype == "int4" and self.wbits > 4:
+            raise ValueError(f"weight_dtype 'int4' needs wbits <= 4, got {self.wbits}")
 
 
 @dataclass
@@ -130,95 +161,32 @@ class PtqQuantize(Pass):
     needs_calibration = True
     min_opset = 13
 
-    def __init__(
-        self,
-        wbits: int = 8,
-        abits: int = 8,
-        metric: str = "cosine",
-        twin: bool = False,
-        twin_form: str = "fake-quant",
-        act_dtype: str = "uint8",
-        loss: str = "auto",
-        rounds: int = 3,
-        n: int = 100,
-        alpha: float = 0.01,
-        beta: float = 1.2,
-        samples: int = 32,
-        weight_grid: str = "per-channel",
-        act_groups: int = 1,
-        weight_only: bool = False,
-        block_size: int | None = None,
-        weight_dtype: str = "int8",
-        learn_steps: int = 0,
-        learn_lr: float = 5e-3,
-        learn_rows: int = 512,
-        search_rows: int = 8192,
-        scale_gradient: str = "lsq",
-        rounding: str = "nearest",
-        activation_matmuls: bool = True,
-        exclude_nodes: Sequence[str] = (),
-        exclude_ops: Sequence[str] = (),
-        exclude_regex: Sequence[str] = (),
-    ) -> None:
-        for label, bits in (("wbits", wbits), ("abits", abits)):
-            if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ValueError(f"{label} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-        if twin_form not in TWIN_FORMS:
-            raise ValueError(f"twin_form must be one of {list(TWIN_FORMS)}, got {twin_form!r}")
-        if act_dtype not in ACT_DTYPES:
-            raise ValueError(f"act_dtype must be one of {sorted(ACT_DTYPES)}, got {act_dtype!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-        self.grid_spec = GridSpec.parse(weight_grid)
-        if not isinstance(act_groups, int) or act_groups < 1:
-            raise ValueError(f"act_groups must be a positive integer, got {act_groups!r}")
-        if rounds < 0 or n < 1 or samples < 1 or not 0 < alpha <= beta:
-            raise ValueError(f"need rounds >= 0, n >= 1, samples >= 1, 0 < alpha <= beta; got "
-                             f"rounds={rounds}, n={n}, samples={samples}, alpha={alpha}, beta={beta}")
-        self.wbits, self.abits = wbits, abits
-        self.metric, self.loss = metric, loss
-        self.twin, self.twin_form, self.act_dtype = twin, twin_form, act_dtype
-        self.rounds, self.n, self.alpha, self.beta, self.samples = rounds, n, alpha, beta, samples
-        self.act_groups, self.weight_only = act_groups, weight_only
-        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if weight_dtype not in ("int8", "int4") or (weight_dtype == "int4" and wbits > 4):
-            raise ValueError(f"weight_dtype must be 'int8', or 'int4' with wbits <= 4; got {weight_dtype!r} "
-                             f"with wbits {wbits}")
-        if learn_steps < 0 or learn_lr <= 0 or learn_rows < 1 or scale_gradient not in SCALE_GRADIENTS:
-            raise ValueError(f"need learn_steps >= 0, learn_lr > 0, learn_rows >= 1, scale_gradient in "
-                             f"{list(SCALE_GRADIENTS)}; got {learn_steps}, {learn_lr}, {learn_rows}, "
-                             f"{scale_gradient!r}")
-        self.block_size, self.weight_dtype = block_size, weight_dtype
-        self.learn_steps, self.learn_lr, self.scale_gradient = learn_steps, learn_lr, scale_gradient
-        self.learn_rows = learn_rows
-        if not isinstance(search_rows, int) or search_rows < 0:
-            raise ValueError(f"search_rows must be a non-negative integer, got {search_rows!r}")
-        self.search_rows = search_rows
-        if rounding not in ("nearest", "gptq"):
-            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
-        self.rounding = rounding
-        blocked = block_size is not None or self.grid_spec.in_blocks != 1
+    Options = PtqOptions
+
+    def configure(self) -> None:
+        o = self.options
+        self.grid_spec = GridSpec.parse(o.weight_grid)
+        blocked = o.block_size is not None or self.grid_spec.in_blocks != 1
         self.min_opset = 21 if blocked else 13  # blocked DequantizeLinear is opset 21
-        self.placer = QuantizeInt8(activation_matmuls=activation_matmuls and not weight_only,
-                                   twin=twin and not weight_only, exclude_nodes=exclude_nodes,
-                                   exclude_ops=exclude_ops, exclude_regex=exclude_regex)
+        self.placer = o.placer(twin=o.twin and not o.weight_only,
+                               activation_matmuls=o.activation_matmuls and not o.weight_only)
 
     # ------------------------------------------------------------------ calibration
+
+    def targets_tensorrt(self) -> bool:
+        return self.options.act_dtype == "int8"
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         layers, _ = self.layers(import_graph(model))
         names = {layer.node.inputs[i].name for layer in layers for i in layer.act_inputs}
-        return {name: SampleObserver(self.samples, name=name) for name in names}
+        return {name: SampleObserver(self.options.samples, name=name) for name in names}
 
     def gradient_request(self, model: onnx.ModelProto) -> GradientRequest | None:
-        if self.metric != "hessian":
+        if self.options.metric != "hessian":
             return None
         layers, _ = self.layers(import_graph(model))
         names = {layer.node.outputs[0].name for layer in layers}
-        return GradientRequest({name: SampleObserver(self.samples, name=name) for name in names}, self.loss,
+        return GradientRequest({name: SampleObserver(self.options.samples, name=name) for name in names}, self.options.loss,
                                fallback=f"{GRADIENT_FREE_METRIC} metric")
 
     def layers(self, graph: gs.Graph) -> tuple[list[Layer], Placement]:
@@ -240,7 +208,7 @@ class PtqQuantize(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
         layers, placement = self.layers(graph)
-        metric = self.metric
+        metric = self.options.metric
         if metric == "hessian" and context.gradients is None:
             metric = GRADIENT_FREE_METRIC
         details: list[dict] = []
@@ -258,16 +226,16 @@ class PtqQuantize(Pass):
             "layers_quantized": len(layers),
             "layers_searched": searched,
             "twin_uniform_inputs": sum(1 for d in details if str(d.get("dtype", "")).startswith("twin")),
-            "wbits": self.wbits,
-            "abits": self.abits,
-            "metric": metric if self.rounds else "none",
-            "weight_grid": (f"per-channel x {self.block_size} input channels" if self.block_size
+            "wbits": self.options.wbits,
+            "abits": self.options.abits,
+            "metric": metric if self.options.rounds else "none",
+            "weight_grid": (f"per-channel x {self.options.block_size} input channels" if self.options.block_size
                             else str(self.grid_spec)),
             "layers_learned": sum(1 for d in details if d.get("learned_from") is not None),
             "weight_scales": sum(d.get("scales", 0) for d in details if d.get("kind") == "weight"),
         }
         details += [{"node": name, "kind": "skipped", "reason": reason} for name, reason in placement.skipped.items()]
-        if metric != self.metric:
+        if metric != self.options.metric:
             changes["metric_fallback"] = f"hessian -> {metric}"
             details.append({"kind": "fallback", "reason": f"hessian metric needs gradients, which are unavailable: "
                                                           f"{context.gradients_unavailable}"})
@@ -277,11 +245,11 @@ class PtqQuantize(Pass):
         return PassResult(result, modified, changes, details)
 
     def _act_quantizer(self, tensor: str, twin_layouts: dict[str, str]) -> ActQuantizer:
-        if self.weight_only:
-            return FloatActQuantizer(self.abits)
+        if self.options.weight_only:
+            return FloatActQuantizer(self.options.abits)
         if tensor in twin_layouts:
-            return TwinActQuantizer(twin_layouts[tensor], self.abits)  # type: ignore[arg-type]
-        return UniformActQuantizer(self.abits)
+            return TwinActQuantizer(twin_layouts[tensor], self.options.abits)  # type: ignore[arg-type]
+        return UniformActQuantizer(self.options.abits)
 
     def _plan(self, layer: Layer, quantizers: dict[int, ActQuantizer], context: PassContext,
               metric: str) -> LayerPlan:
@@ -289,41 +257,45 @@ class PtqQuantize(Pass):
         grads = None
         if metric == "hessian":
             grads = context.gradients[layer.node.outputs[0].name].samples
-        options = dict(metric=metric, n=self.n, alpha=self.alpha, beta=self.beta, rounds=self.rounds)
+        options = dict(metric=metric, n=self.options.n, alpha=self.options.alpha, beta=self.options.beta, rounds=self.options.rounds)
         if layer.weight is None:
             a, b = layer.act_inputs
-            result = search_activation_matmul(samples[a], samples[b], bits=self.abits, G=grads,
+            result = search_activation_matmul(samples[a], samples[b], bits=self.options.abits, G=grads,
                                               quantizers=(quantizers[a], quantizers[b]), **options)
-            return LayerPlan(None, {a: result.a_scale, b: result.b_scale}, self.rounds > 0, result.metric_value)
+            return LayerPlan(None, {a: result.a_scale, b: result.b_scale}, self.options.rounds > 0, result.metric_value)
         (index,) = layer.act_inputs
-        matrices = _as_gemm(layer, samples[index], grads, self.search_rows)
+        matrices = _as_gemm(layer, samples[index], grads, self.options.search_rows)
         if matrices is None:
             return self._initial_plan(layer, index, quantizers[index], samples[index])
         x, w, g = matrices
         reader, weight_index, _ = layer.weight
         unit = int(np.prod(reader.inputs[weight_index].values.shape[2:])) if layer.node.op == "Conv" else 1
         grid = self._grid(w.shape, unit)
-        gram = x.T.astype(np.float64) @ x / len(x) if self.rounding == "gptq" else None
+        gram = x.T.astype(np.float64) @ x / len(x) if self.options.rounding == "gptq" else None
         act_grid = None
-        if self.act_groups > 1 and isinstance(quantizers[index], UniformActQuantizer):
-            act_grid = GridSpec(1, self.act_groups).grid(w.shape[0], 1, unit=unit)
-        result = search_layer(x, w, w_bits=self.wbits, a_bits=self.abits, G=g, act_quantizer=quantizers[index],
+        if self.options.act_groups > 1 and isinstance(quantizers[index], UniformActQuantizer):
+            act_grid = GridSpec(1, self.options.act_groups).grid(w.shape[0], 1, unit=unit)
+        result = search_layer(x, w, w_bits=self.options.wbits, a_bits=self.options.abits, G=g, act_quantizer=quantizers[index],
                               weight_grid=grid, act_groups=act_grid, **options)
-        plan = LayerPlan(result.weight_scale, {index: result.act_scale}, self.rounds > 0, result.metric_value,
+        plan = LayerPlan(result.weight_scale, {index: result.act_scale}, self.options.rounds > 0, result.metric_value,
                          grid, act_grid)
-        if self.learn_steps and act_grid is None and not isinstance(quantizers[index], TwinActQuantizer):
-            rows = x if len(x) <= self.learn_rows else \
-                x[np.random.default_rng(0).choice(len(x), self.learn_rows, replace=False)]
+        if self.options.learn_steps and act_grid is None and not isinstance(quantizers[index], TwinActQuantizer):
+            rows = x if len(x) <= self.options.learn_rows else \
+                x[np.random.default_rng(0).choice(len(x), self.options.learn_rows, replace=False)]
+            from onnxsmith.calibration.lsq import block_expander, train_layer  # torch
+
             learned = train_layer(rows, w, plan.weight_scale, block_expander(grid.row_block, grid.col_block, *w.shape),
-                                  self.wbits, plan.act_params[index], self.abits, self.learn_steps, self.learn_lr,
-                                  self.scale_gradient)
+                                  self.options.wbits, plan.act_params[index], self.options.abits, self.options.learn_steps, self.options.learn_lr,
+                                  self.options.scale_gradient)
             plan.weight_scale, plan.learned = learned.weight_steps, (learned.loss_before, learned.loss_after)
             if learned.act_step is not None:
                 plan.act_params[index] = float(np.float32(learned.act_step))
-        if self.rounding == "gptq" and grid.col_block == 1 and layer.weight[0] is layer.node \
+        if self.options.rounding == "gptq" and grid.col_block == 1 and layer.weight[0] is layer.node \
                 and layer.node.op in ("MatMul", "Gemm"):
-            half = 2 ** (self.wbits - 1)
-            own_steps = self.wbits == 4 and plan.learned is None and grid.row_block in BLOCK_SIZES
+            half = 2 ** (self.options.wbits - 1)
+            own_steps = self.options.wbits == 4 and plan.learned is None and grid.row_block in BLOCK_SIZES
+            from onnxsmith.calibration.gptq import gptq_quantize  # torch
+
             levels, steps = gptq_quantize(w, gram, grid.row_block, steps=None if own_steps else plan.weight_scale,
                                           levels=(-half, half - 1))
             plan.weight_scale, plan.rounded = steps, dequantize_blocks(levels, steps, grid.row_block)
@@ -333,9 +305,9 @@ class PtqQuantize(Pass):
         """The weight grid of a ``[K, N]`` GEMM: ``block_size`` input channels per block where it divides the
         layer's input channels, else ``weight_grid``."""
         channels = shape[0] // unit
-        if self.block_size is not None and channels % self.block_size == 0:
-            return GridSpec(None, channels // self.block_size).grid(*shape, unit=unit)
-        spec = GridSpec(None, 1) if self.block_size is not None else self.grid_spec
+        if self.options.block_size is not None and channels % self.options.block_size == 0:
+            return GridSpec(None, channels // self.options.block_size).grid(*shape, unit=unit)
+        spec = GridSpec(None, 1) if self.options.block_size is not None else self.grid_spec
         return spec.grid(*shape, unit=unit)
 
     def _initial_plan(self, layer: Layer, index: int, quantizer: ActQuantizer, samples: list[np.ndarray]) -> LayerPlan:
@@ -343,8 +315,8 @@ class PtqQuantize(Pass):
         reader, weight_index, axis = layer.weight
         values = np.asarray(reader.inputs[weight_index].values, dtype=np.float32)
         amax = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
-        scale = initial_weight_steps(amax, self.wbits)
-        step, _ = quantizer.steps(np.concatenate([s.ravel() for s in samples]), self.alpha, self.beta, self.n)
+        scale = initial_weight_steps(amax, self.options.wbits)
+        step, _ = quantizer.steps(np.concatenate([s.ravel() for s in samples]), self.options.alpha, self.options.beta, self.options.n)
         return LayerPlan(scale, {index: quantizer.params(step)}, False, None)
 
     def _emit(self, graph: gs.Graph, layer: Layer, plan: LayerPlan, metric: str) -> list[dict]:
@@ -359,10 +331,10 @@ class PtqQuantize(Pass):
             reader, index, axis = layer.weight
             if plan.grid is None:
                 dequantized, detail = quantize_weight(graph, reader.inputs[index], axis, plan.weight_scale,
-                                                      self.wbits, prefix=f"{node.name}_weight")
+                                                      self.options.wbits, prefix=f"{node.name}_weight")
                 detail["scales"] = int(np.size(plan.weight_scale))
             else:
-                float_input = self.weight_only or plan.act_grid is not None
+                float_input = self.options.weight_only or plan.act_grid is not None
                 in_axis = weight_input_axis(node, reader, index)
                 weight = reader.inputs[index]
                 if plan.rounded is not None:  # the GPTQ levels re-quantize to themselves
@@ -370,9 +342,9 @@ class PtqQuantize(Pass):
                     weight = gs.Constant(weight.name, np.ascontiguousarray(
                         plan.rounded.T if in_axis == 1 else plan.rounded).astype(original.dtype))
                 dequantized, detail = quantize_weight_blocks(graph, weight, axis, in_axis,
-                                                             plan.weight_scale, plan.grid, self.wbits,
+                                                             plan.weight_scale, plan.grid, self.options.wbits,
                                                              prefix=f"{node.name}_weight", guard=float_input,
-                                                             storage=self.weight_dtype)
+                                                             storage=self.options.weight_dtype)
                 if plan.rounded is not None:
                     error = float(np.sum((original.astype(np.float32) - weight.values) ** 2.0))
                     detail.update(rounding="gptq", sqnr_db=sqnr_db(float(np.sum(original.astype(np.float64) ** 2)),
@@ -386,21 +358,21 @@ class PtqQuantize(Pass):
             prefix = f"{node.name}_input{index}"
             detail = {"tensor": tensor.name, "kind": "activation", "node": node.name}
             if isinstance(params, TwinParams):
-                details.append({**detail, "dtype": f"twin-{params.layout}", "form": self.twin_form, "bits": params.bits,
+                details.append({**detail, "dtype": f"twin-{params.layout}", "form": self.options.twin_form, "bits": params.bits,
                                 "delta_r1": params.delta_r1, "delta_r2": params.delta_r2, "split": params.split})
-                if self.twin_form == "dual-gemm":
+                if self.options.twin_form == "dual-gemm":
                     split_gemm(graph, node, index, insert_twin_parts(graph, tensor, params, prefix))
                 else:
                     node.inputs[index] = insert_twin(graph, tensor, params, prefix)
                 continue
             if isinstance(params, np.ndarray):
                 steps = np.repeat(params, plan.act_grid.channel_block)[: plan.act_grid.k // plan.act_grid.unit]
-                node.inputs[index] = insert_grouped_fake_quant(graph, tensor, steps, feature_axis, self.abits, prefix)
-                details.append({**detail, "dtype": "fake-quant", "bits": self.abits, "groups": len(params),
+                node.inputs[index] = insert_grouped_fake_quant(graph, tensor, steps, feature_axis, self.options.abits, prefix)
+                details.append({**detail, "dtype": "fake-quant", "bits": self.options.abits, "groups": len(params),
                                 "scale": [float(p) for p in params]})
                 continue
-            node.inputs[index] = insert_symmetric_qdq(graph, tensor, params, self.abits, self.act_dtype, prefix)
-            details.append({**detail, "dtype": self.act_dtype, "bits": self.abits, "scale": params})
+            node.inputs[index] = insert_symmetric_qdq(graph, tensor, params, self.options.abits, self.options.act_dtype, prefix)
+            details.append({**detail, "dtype": self.options.act_dtype, "bits": self.options.abits, "scale": params})
         return details
 
 
@@ -474,4 +446,7 @@ def _conv_layout(node: gs.Node, weight: np.ndarray) -> dict | None:
 
 def _conv_rows(layout: dict, weight: np.ndarray, sample: np.ndarray) -> np.ndarray:
     """im2col rows ``[B * L, C * kh * kw]`` of one input sample of a Conv with :func:`_conv_layout` ``layout``."""
+    import torch
+    import torch.nn.functional as F
+
     return F.unfold(torch.from_numpy(sample), **layout).transpose(1, 2).reshape(-1, weight[0].size).numpy()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.core.graph import export_graph, import_graph
 
 
 class RemoveDeadNodes(Pass):

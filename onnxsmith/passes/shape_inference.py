@@ -11,12 +11,19 @@ the run goes on without new shapes. Shapes inside subgraphs are left as they wer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from onnxsmith.optimizer.model_io import needs_external_data, saved_to_temporary_file
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
+from onnxsmith.core.model_io import needs_external_data, saved_to_temporary_file
+from onnxsmith.core.options import PassOptions, option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+
+
+@dataclass(frozen=True)
+class ShapeInferenceOptions(PassOptions):
+    symbolic: bool = option(False, "also run onnxruntime's symbolic shape inference (onnx's shapes are the fallback)")
 
 
 class ShapeInference(Pass):
@@ -27,13 +34,11 @@ class ShapeInference(Pass):
     description = "annotate tensor shapes and types (onnx.shape_inference, data propagation)"
     lossless = True
     optional = True
-
-    def __init__(self, symbolic: bool = False) -> None:
-        self.symbolic = symbolic
+    Options = ShapeInferenceOptions
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         inferred = _onnx_shapes(model)
-        if not self.symbolic:
+        if not self.options.symbolic:
             return _result(model, inferred, "onnx")
         refined = onnx.ModelProto()
         refined.CopyFrom(inferred)
@@ -75,6 +80,9 @@ def _refine_symbolically(model: onnx.ModelProto) -> bool:
     directory when it cannot infer every tensor (these are that tool's own steps, not a public API).
     """
     try:
+        # onnxruntime.tools imports torch on load: only a symbolic run pays for it
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
         inference._preprocess(model)
         while inference.run_:

@@ -29,7 +29,7 @@ detail names the option used and its kept fraction before and after. Folding nee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,13 +38,34 @@ import onnx_graphsurgeon as gs
 
 from onnxsmith.calibration.nm_shuffle import SHUFFLES, ShuffleChoice, choose_nm_permutation, kept_fraction
 from onnxsmith.calibration.observers import Observer
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult
-from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
-from onnxsmith.calibration.sparsity import check_pattern
-from onnxsmith.passes.prune_nm import NMScoring, NMSelection, SparseLayer
-from onnxsmith.passes.reorder_channels import PERMUTATION_TOLERANCE, apply_permutation, permute, regions
+from onnxsmith.core.graph import export_graph, import_graph, unique_name
+from onnxsmith.core.options import option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult
+from onnxsmith.rewrite.channel_regions import PERMUTATION_TOLERANCE, apply_permutation, permute, regions
+from onnxsmith.core.sparsity import SCORES
+from onnxsmith.rewrite.nm_layers import SCORE_HELP, NMOptions, SparseLayer
 
 ABSORB = ("fold", "fold-or-gather", "fold-or-gather-each")
+
+
+@dataclass(frozen=True)
+class ShuffleNMOptions(NMOptions):
+    """``prune-nm``'s pattern, scoring and selection (E-Sparse's score by default) and the shuffle search."""
+
+    score: str = option("esparse", SCORE_HELP, choices=SCORES)
+    shuffle: str = option("local", "channel shuffle: none, E-Sparse's global or local search, apex's regrouping",
+                          choices=SHUFFLES)
+    absorb: str = option("fold-or-gather", "fold shuffles into producers only, or Gather where folding is "
+                         "impossible (one per activation, or one per layer)", choices=ABSORB)
+    block: int = option(64, "channels per block of the local and apex searches", minimum=2)
+    rounds: int = option(50, "most passes of the local and apex searches", minimum=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.shuffle == "apex" and (self.n, self.m) != (2, 4):
+            raise ValueError("shuffle 'apex' regroups 2:4 stripes only; use 'local' for other patterns")
+        if self.block < 2 * self.m or self.block % self.m:
+            raise ValueError(f"block must be a multiple of m = {self.m} holding at least two groups, got {self.block}")
 
 
 class ShuffleNM(Pass):
@@ -56,36 +77,12 @@ class ShuffleNM(Pass):
     tolerance = PERMUTATION_TOLERANCE
     min_opset = 13
 
-    def __init__(
-        self,
-        n: int = 2,
-        m: int = 4,
-        score: str = "esparse",
-        alpha: float = 100.0,
-        bins: int = 256,
-        shuffle: str = "local",
-        absorb: str = "fold-or-gather",
-        block: int = 64,
-        rounds: int = 50,
-        min_channels: int = 64,
-        exclude_regex: Sequence[str] = (),
-        skip_head: bool = True,
-    ) -> None:
-        check_pattern(n, m)
-        if shuffle not in SHUFFLES:
-            raise ValueError(f"shuffle must be one of {list(SHUFFLES)}, got {shuffle!r}")
-        if shuffle == "apex" and (n, m) != (2, 4):
-            raise ValueError("shuffle 'apex' regroups 2:4 stripes only; use 'local' for other patterns")
-        if absorb not in ABSORB:
-            raise ValueError(f"absorb must be one of {list(ABSORB)}, got {absorb!r}")
-        if block < 2 * m or block % m:
-            raise ValueError(f"block must be a multiple of m = {m} holding at least two groups, got {block}")
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        self.n, self.m, self.shuffle, self.absorb, self.block, self.rounds = n, m, shuffle, absorb, block, rounds
-        self.selection = NMSelection(m, min_channels, tuple(exclude_regex), skip_head)
-        self.scoring = NMScoring(score, alpha, bins)
-        self.needs_calibration = self.scoring.needs_calibration and shuffle != "none"
+    Options = ShuffleNMOptions
+
+    def configure(self) -> None:
+        self.selection = self.options.selection()
+        self.scoring = self.options.scoring()
+        self.needs_calibration = self.scoring.needs_calibration and self.options.shuffle != "none"
 
     def calibration_request(self, model: onnx.ModelProto) -> dict[str, Observer]:
         return self.scoring.observers(self.selection.layers(import_graph(model))[0])
@@ -93,7 +90,7 @@ class ShuffleNM(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
         targets, _ = self.selection.layers(graph)
-        if self.shuffle == "none" or not targets:
+        if self.options.shuffle == "none" or not targets:
             return PassResult(model, False, {"folded": 0, "gathered": 0, "unshuffled": len(targets)}, [])
         by_node = {id(layer.node): layer for layer in targets}
         names = set(graph.tensors())
@@ -101,17 +98,17 @@ class ShuffleNM(Pass):
         done: set[int] = set()
         self._fold(graph, by_node, context, names, details, done)
         remaining = [layer for layer in targets if id(layer.node) not in done]
-        groups = [[layer] for layer in remaining] if self.absorb == "fold-or-gather-each" \
+        groups = [[layer] for layer in remaining] if self.options.absorb == "fold-or-gather-each" \
             else list(_by_activation(remaining).values())
         for layers in groups:
             scores = [self._matrix(layer, context) for layer in layers]
-            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, None, self.block, self.rounds)
-            gather = self.absorb != "fold" and choice.method != "identity"
+            choice = choose_nm_permutation(scores, self.options.n, self.options.m, self.options.shuffle, None, self.options.block, self.options.rounds)
+            gather = self.options.absorb != "fold" and choice.method != "identity"
             details += self._describe(layers, scores, choice, "gathered" if gather else "unshuffled")
             if gather:
                 _gather(layers, choice.permutation, graph, names)
         counts = {kind: sum(d["kind"] == kind for d in details) for kind in ("folded", "gathered", "unshuffled")}
-        changes = {**counts, "shuffle": self.shuffle}
+        changes = {**counts, "shuffle": self.options.shuffle}
         if counts["folded"] + counts["gathered"] == 0:
             return PassResult(model, False, changes, details)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -122,11 +119,11 @@ class ShuffleNM(Pass):
         """Shuffle the targets that are consumers of a foldable region, permuting the whole region."""
         for region in regions(graph):
             layers = [by_node[id(c.node)] for c in region.consumers if id(c.node) in by_node]
-            if region.refusal is not None or not layers or region.group % self.m:
+            if region.refusal is not None or not layers or region.group % self.options.m:
                 continue
             scores = [self._matrix(layer, context) for layer in layers]
-            choice = choose_nm_permutation(scores, self.n, self.m, self.shuffle, region.group, self.block,
-                                           self.rounds)
+            choice = choose_nm_permutation(scores, self.options.n, self.options.m, self.options.shuffle, region.group, self.options.block,
+                                           self.options.rounds)
             if choice.method == "identity":
                 continue
             details += self._describe(layers, scores, choice, "folded", [p.node.name for p in region.producers])
@@ -144,8 +141,8 @@ class ShuffleNM(Pass):
         applied = choice.method != "identity" and kind != "unshuffled"
         out = []
         for layer, matrix in zip(layers, scores):
-            before = kept_fraction([matrix], self.n, self.m)
-            after = kept_fraction([matrix], self.n, self.m, choice.permutation) if applied else before
+            before = kept_fraction([matrix], self.options.n, self.options.m)
+            after = kept_fraction([matrix], self.options.n, self.options.m, choice.permutation) if applied else before
             detail = {"node": layer.node.name, "kind": kind if applied else "unshuffled",
                       "method": choice.method if applied else "identity", "kept_before": before, "kept_after": after}
             if producers:

@@ -30,8 +30,8 @@ graph optimizations; the median of 20 runs after 3 warm-ups, over 12 repeats of 
     import statistics, time, numpy as np
     from onnx import TensorProto, helper as h, numpy_helper
     from onnxsmith.backends.onnxruntime import create_session
-    from onnxsmith.optimizer.pass_base import PassContext
-    from onnxsmith.passes import SparseGemmToConv
+    from onnxsmith.core.pass_base import PassContext
+    from onnxsmith.passes.sparse_conv import SparseGemmToConv
     w = numpy_helper.from_array(np.random.rand(576, 1536).astype(np.float32), "w")
     io = [h.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [2048, 576]), ("y", [2048, 1536]))]
     mm = h.make_model(h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", io[:1], io[1:], [w]))
@@ -48,16 +48,28 @@ graph optimizations; the median of 20 runs after 3 warm-ups, over 12 repeats of 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.sparsity import check_pattern, satisfies_nm
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from onnxsmith.passes.graph_utils import export_graph, import_graph, unique_name
-from onnxsmith.passes.qdq_nodes import weight_input_axis
+from onnxsmith.core.sparsity import check_pattern, satisfies_nm
+from onnxsmith.core.options import PassOptions, check_patterns, option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxsmith.core.graph import export_graph, import_graph, unique_name
+from onnxsmith.analysis.weights import weight_input_axis
+
+
+@dataclass(frozen=True)
+class SparseGemmToConvOptions(PassOptions):
+    n: int = option(2, "the N:M pattern a weight must satisfy: n of every m", minimum=1)
+    m: int = option(4, "the N:M pattern's group size", minimum=2)
+    only_sparse: bool = option(True, "rewrite only GEMMs whose weight is N:M sparse (false: every eligible GEMM)")
+    exclude_regex: tuple[str, ...] = option((), "node-name patterns left as they are", check=check_patterns)
+
+    def check(self) -> None:
+        check_pattern(self.n, self.m)
 
 
 class SparseGemmToConv(Pass):
@@ -70,17 +82,10 @@ class SparseGemmToConv(Pass):
     tolerance = Tolerance(atol=1e-4, rtol=1e-4)
     min_opset = 13
 
-    def __init__(self, n: int = 2, m: int = 4, only_sparse: bool = True, exclude_regex: Sequence[str] = ()) -> None:
-        check_pattern(n, m)
-        if not isinstance(only_sparse, bool):
-            raise ValueError(f"only_sparse must be true or false, got {only_sparse!r}")
-        if isinstance(exclude_regex, str):
-            raise ValueError(f"exclude_regex must be a list of patterns, got the string {exclude_regex!r}")
-        try:
-            self.exclude = [re.compile(pattern) for pattern in exclude_regex]
-        except re.error as exc:
-            raise ValueError(f"bad exclude_regex pattern: {exc}") from exc
-        self.n, self.m, self.only_sparse = n, m, only_sparse
+    Options = SparseGemmToConvOptions
+
+    def configure(self) -> None:
+        self.exclude = [re.compile(pattern) for pattern in self.options.exclude_regex]
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = import_graph(model)
@@ -109,8 +114,8 @@ class SparseGemmToConv(Pass):
         reason = _shape_reason(node)
         if reason is not None:
             return reason
-        if self.only_sparse and not satisfies_nm(node.inputs[1].values, self.n, self.m, _in_axis(node)):
-            return f"weight is not {self.n}:{self.m} on the input axis"
+        if self.options.only_sparse and not satisfies_nm(node.inputs[1].values, self.options.n, self.options.m, _in_axis(node)):
+            return f"weight is not {self.options.n}:{self.options.m} on the input axis"
         return None
 
 

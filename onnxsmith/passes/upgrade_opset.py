@@ -5,7 +5,15 @@ from __future__ import annotations
 import onnx
 from onnx import version_converter
 
-from onnxsmith.optimizer.pass_base import Pass, PassContext, PassResult, Tolerance, default_opset
+from dataclasses import dataclass
+
+from onnxsmith.core.options import PassOptions, option
+from onnxsmith.core.pass_base import Pass, PassContext, PassResult, Tolerance, default_opset
+
+
+@dataclass(frozen=True)
+class UpgradeOpsetOptions(PassOptions):
+    target: int = option(21, "the default-domain opset to convert to", minimum=7)
 
 
 class UpgradeOpset(Pass):
@@ -15,18 +23,13 @@ class UpgradeOpset(Pass):
     description = "convert the model to a newer opset with onnx.version_converter"
     lossless = True
     tolerance = Tolerance(atol=1e-5, rtol=1e-4)
-
-    def __init__(self, target: int = 21) -> None:
-        self.target = target
+    Options = UpgradeOpsetOptions
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         current = default_opset(model)
-        if current >= self.target:
+        if current >= self.options.target:
             return PassResult(model, False, {"opset": current})
-        converted = version_converter.convert_version(model, self.target)
+        converted = version_converter.convert_version(model, self.options.target)
         needed_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
         converted.ir_version = max(converted.ir_version, needed_ir)
-        return PassResult(converted, True, {"opset_from": current, "opset_to": self.target})
-
-    def __repr__(self) -> str:
-        return f"<pass {self.name} target={self.target}>"
+        return PassResult(converted, True, {"opset_from": current, "opset_to": self.options.target})

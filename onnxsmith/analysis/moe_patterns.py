@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from onnxsmith.passes.graph_utils import constant_value
+from onnxsmith.core.graph import constant_value
 
 GEMM_OPS = ("MatMul", "Gemm")
 PASS_THROUGH = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze")

@@ -1,4 +1,4 @@
-"""Shared helpers for passes: moving between ``onnx.ModelProto`` and onnx-graphsurgeon graphs."""
+"""Graph helpers: moving between ``onnx.ModelProto`` and onnx-graphsurgeon graphs, names, constants."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxsmith.calibration.int4 import int4_initializer
+from onnxsmith.core.int4 import int4_initializer
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -76,3 +76,12 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         value = tensor.inputs[0].attrs.get("value")
         return None if value is None else np.asarray(value.values)
     return None
+
+
+SCALAR_CONSTANT_ATTRIBUTES = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
+"""``Constant`` attributes holding plain numbers, with the element type each stands for."""

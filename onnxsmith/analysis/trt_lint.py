@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxsmith.calibration.sparsity import satisfies_nm
-from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
-from onnxsmith.passes.graph_utils import constant_value, import_graph
+from onnxsmith.core.sparsity import satisfies_nm
+from onnxsmith.analysis.sparsity import inspect_sparsity
+from onnxsmith.core.graph import constant_value, import_graph
 
 OPSET_RANGE = (9, 24)
 """Default-domain opsets TensorRT 10.15's ONNX parser supports (10.0: 9-20)."""

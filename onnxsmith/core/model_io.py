@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxsmith.errors import UserError, first_line
+from onnxsmith.core.errors import UserError, first_line
 
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 """Models whose tensors add up to more than this are written with external data."""

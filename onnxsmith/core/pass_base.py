@@ -9,14 +9,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import onnx
 
-from onnxsmith.models.base import Feed
+from onnxsmith.core.feeds import Feed
+from onnxsmith.core.options import NoOptions, OptionError, PassOptions
 
-if TYPE_CHECKING:
-    from onnxsmith.calibration.observers import Observer
+Observer = Any
+"""An observer of :mod:`onnxsmith.calibration.observers` (the ground layer does not import calibration)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class PassContext:
 @dataclass
 class GradientRequest:
     """Observers keyed by the tensor ``T`` whose gradient ``dL/dT`` each must watch, the loss ``L`` (a name from
-    :data:`onnxsmith.calibration.gradients.LOSSES`) and the pass's way on without them."""
+    :data:`onnxsmith.calibration.learning.LOSSES`) and the pass's way on without them."""
 
     observers: dict[str, Observer]
     loss: str = "auto"
@@ -87,6 +88,10 @@ class Pass(ABC):
     calibration results) and ``optional`` (an analysis the run can do without: when it raises or none of its
     results passes verification, the manager keeps the model it was given, records the pass as skipped with the
     reason and goes on; an optional pass must not edit its input in place).
+
+    ``Options`` is the pass's declared options dataclass (:mod:`onnxsmith.core.options`); a pass is built from an
+    instance of it or from keyword values, validated against it, and kept as ``self.options``. ``configure``
+    derives what the pass needs from them (e.g. compiled patterns, whether calibration is needed).
     """
 
     name: ClassVar[str]
@@ -96,6 +101,24 @@ class Pass(ABC):
     min_opset: ClassVar[int | None] = None
     needs_calibration: ClassVar[bool] = False
     optional: ClassVar[bool] = False
+    Options: ClassVar[type[PassOptions]] = NoOptions
+
+    def __init__(self, options: PassOptions | None = None, **values: Any) -> None:
+        if options is not None and (values or not isinstance(options, self.Options)):
+            raise TypeError(f"pass {self.name!r} takes a {self.Options.__name__} or keyword values, not both")
+        try:
+            self.options = options if options is not None else self.Options.build(values)
+        except OptionError as exc:
+            raise OptionError(f"pass {self.name!r}: {exc}") from None
+        self.configure()
+
+    def configure(self) -> None:
+        """Derive state from ``self.options``; called once by ``__init__``."""
+
+    def targets_tensorrt(self) -> bool:
+        """Whether this pass, as configured, writes a form chosen for TensorRT (int8 activations with zero point 0,
+        TensorRT's INT4 layout), so the run lints the result against TensorRT's rules."""
+        return False
 
     def requires(self, model: onnx.ModelProto, context: PassContext) -> None:
         """Raise :class:`PreconditionError` if the model or context cannot be rewritten by this pass."""
@@ -120,7 +143,9 @@ class Pass(ABC):
         """Rewrite ``model`` (in place or as a new object) and say what changed."""
 
     def __repr__(self) -> str:
-        return f"<pass {self.name}>"
+        changed = [f"{spec.name}={getattr(self.options, spec.name)!r}" for spec in self.Options.specs()
+                   if getattr(self.options, spec.name) != spec.default]
+        return f"<pass {' '.join([self.name, *changed])}>"
 
 
 def default_opset(model: onnx.ModelProto) -> int:
