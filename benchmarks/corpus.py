@@ -1,7 +1,8 @@
 """The real-model matrix: every built-in recipe on every corpus model (``onnxsmith.models.corpus``).
 
 Usage: ``python benchmarks/corpus.py [--models a,b] [--recipes a,b] [--timeout S] [--recipe-timeout R=S,...]
-[--calib N] [--eval N] [--json PATH] [--resume]``
+[--calib N] [--eval N] [--json PATH] [--resume] [--quick]`` (``--quick``: mtcnn-pnet with the anchor, cleanup and
+w8a8, 2 calibration and 2 evaluation feeds)
 
 Each cell (model x recipe) runs in a fresh child process under a wall-clock limit, so a crash, a hang or a memory
 blow-up becomes a cell and the run goes on. The child runs the project's pipeline on the cached FP32 model:
@@ -22,7 +23,7 @@ calibration feeds. A cell is:
   innermost onnxsmith frame of the cause), another exception, a child that died, a timeout (with the pass that was
   running), or non-finite / mis-shaped outputs; the first line of the error is recorded.
 
-The feeds are written once per model (``_harness.save_feeds``) and read by every child. Output: a markdown table
+The feeds are written once per model (``harness.save_feeds``) and read by every child. Output: a markdown table
 model x recipe, the skip reasons per cell, every refusal and failure in full, and the JSON
 (``benchmarks/results/corpus.json`` by default, rewritten after every cell; ``--resume`` keeps the cells of an
 earlier, interrupted run of the same file). ``--recipe-timeout`` sets per-recipe limits (e.g. for the searched
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -53,10 +53,9 @@ from typing import Any
 
 import numpy as np
 
-from _harness import environment, load_feeds, markdown_table, save_feeds, write_json
+from harness import Benchmark, Report, json_safe, load_feeds, markdown_table, ort_static_qdq, save_feeds
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "corpus.json"
 DEFAULT_TIMEOUT_S = 240
 CHILD_MARK = "@@corpus-cell@@ "
 PROGRESS_MARK = "@@corpus-pass@@ "
@@ -102,7 +101,7 @@ def innermost_frames(exc: BaseException) -> dict[str, str]:
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
     """Type, first line and origin of an exception and of its cause (a PassError wraps the pass's exception)."""
-    from onnxsmith.errors import first_line
+    from onnxsmith.core.errors import first_line
 
     fields: dict[str, Any] = {"error_type": type(exc).__name__, "error": first_line(exc)}
     cause = exc.__cause__
@@ -118,8 +117,8 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
 
 def classify_exception(exc: BaseException) -> str:
     """``refused`` for a clean user error or a pass precondition, ``failed`` for everything else."""
-    from onnxsmith.errors import PassError, UserError
-    from onnxsmith.optimizer.pass_base import PreconditionError
+    from onnxsmith.core.errors import PassError, UserError
+    from onnxsmith.core.pass_base import PreconditionError
 
     if isinstance(exc, UserError) or (isinstance(exc, PassError) and isinstance(exc.__cause__, PreconditionError)):
         return "refused"
@@ -137,7 +136,7 @@ def compare_on_feeds(reference: Path, candidate: Path, feeds: list[dict[str, np.
     try:
         cand_session = create_session(candidate)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's rewrites reject some valid QDQ graphs
-        from onnxsmith.errors import first_line
+        from onnxsmith.core.errors import first_line
 
         result["ort_optimized_error"] = first_line(exc)
         cand_session = create_session(candidate, optimize=False)
@@ -236,11 +235,8 @@ converted to opset 13 where it is older."""
 def _run_anchor(cell: dict[str, Any], source: Path, calibration: list, evaluation: list, work: Path,
                 start: float) -> dict[str, Any]:
     """The anchor cell: quantize a copy of ``source`` (onnxruntime writes files beside it) and compare as above."""
-    from onnxruntime.quantization import CalibrationMethod, QuantType
-
-    from _harness import ort_static_qdq
-
     import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     copy = work / "fp32.onnx"
     model = onnx.load(str(source))
@@ -285,18 +281,7 @@ def child_main(model_name: str, recipe: str, feeds_dir: Path) -> None:
     """Run one cell and print its JSON on one stdout line (after :data:`CHILD_MARK`)."""
     with tempfile.TemporaryDirectory(prefix="corpus-cell-") as work:
         cell = run_cell(model_name, recipe, feeds_dir, Path(work))
-    print(CHILD_MARK + json.dumps(_finite(cell), default=str), flush=True)
-
-
-def _finite(value: Any) -> Any:
-    """``inf`` SQNRs as the string "inf" (JSON has no infinities), other non-finite floats as None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else None)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    print(CHILD_MARK + json.dumps(json_safe(cell, infinities=True), default=str), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -426,8 +411,7 @@ def print_report(document: dict[str, Any], models: list[str], recipes: list[str]
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="comma-separated corpus models (default: all)")
     parser.add_argument("--recipes", help=f"comma-separated built-in recipes or {ANCHOR!r} (default: the anchor "
                                           "and every built-in recipe)")
@@ -435,14 +419,19 @@ def main() -> None:
     parser.add_argument("--recipe-timeout", default="", help="per-recipe limits, e.g. ptq4vit=120,w4a4-kd=90")
     parser.add_argument("--calib", type=int, default=8, help="calibration feeds per model (default 8)")
     parser.add_argument("--eval", type=int, default=8, help="evaluation feeds per model (default 8)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the JSON goes")
     parser.add_argument("--resume", action="store_true", help="keep finished cells of an existing --json file")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "RECIPE", "FEEDS_DIR"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child_main(args.child[0], args.child[1], Path(args.child[2]))
-        return
 
+
+def child(args: argparse.Namespace) -> int | None:
+    """In a child process (``--child``): run its cell, exit 0."""
+    if not args.child:
+        return None
+    child_main(args.child[0], args.child[1], Path(args.child[2]))
+    return 0
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
     from onnxsmith.models.corpus import corpus_names, fetch_many
     from onnxsmith.optimizer.recipes import builtin_recipes
 
@@ -450,13 +439,12 @@ def main() -> None:
     recipes = args.recipes.split(",") if args.recipes else [ANCHOR, *builtin_recipes()]
     limits = parse_recipe_timeouts(args.recipe_timeout)
     fetch_many(models)
-    document: dict[str, Any] = {"environment": environment(), "calib": args.calib, "eval": args.eval,
-                                "timeout_s": args.timeout, "recipe_timeouts_s": limits, "models": models,
-                                "recipes": recipes, "cells": [], "complete": False}
+    document = report.document
+    document.update(calib=args.calib, eval=args.eval, timeout_s=args.timeout, recipe_timeouts_s=limits,
+                    models=models, recipes=recipes, cells=[])
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if args.resume and args.json.exists():
-        done = {(c["model"], c["recipe"]): c for c in json.loads(args.json.read_text()).get("cells", [])}
-    start = time.perf_counter()
+    if args.resume and args.out.exists():
+        done = {(c["model"], c["recipe"]): c for c in json.loads(args.out.read_text()).get("cells", [])}
     with tempfile.TemporaryDirectory(prefix="corpus-feeds-") as feeds_root:
         for model in models:
             feeds_dir = Path(feeds_root) / model
@@ -469,16 +457,15 @@ def main() -> None:
                 document["cells"].append(cell)
                 print(f"{model:18} {recipe:15} {cell.get('wall_seconds', 0):6.1f} s  {cell_text(cell)}"
                       f"{'  ' + cell['error'] if cell.get('status') != 'ok' else ''}", flush=True)
-                write_json(args.json, document)
-    document["total_seconds"] = time.perf_counter() - start
-    document["complete"] = True
+                report.save()
     print()
     document["report_markdown"] = print_report(document, models, recipes)
-    counts = Counter(c.get("status") for c in document["cells"])
-    print(f"\n- {dict(counts)}; total run time {document['total_seconds']:.0f} s")
-    write_json(args.json, document)
-    args.json.with_suffix(".md").write_text(document["report_markdown"] + "\n")
+    report.finish(f"cells: {dict(Counter(c.get('status') for c in document['cells']))}")
+    args.out.with_suffix(".md").write_text(document["report_markdown"] + "\n")
 
+
+main = Benchmark("corpus", __doc__, run, add_arguments, child=child,
+                 quick={"models": "mtcnn-pnet", "recipes": f"{ANCHOR},cleanup,w8a8", "calib": 2, "eval": 2}).main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

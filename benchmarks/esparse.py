@@ -1,7 +1,8 @@
 """E-Sparse N:M sparsity: magnitude, Wanda and E-Sparse (entropy score, channel shuffles) on zoo models.
 
 Usage: ``python benchmarks/esparse.py [--models a,b] [--patterns 2:4,4:8] [--methods a,b] [--alpha A]
-[--shuffle global|local|apex] [--calib N] [--windows N] [--gpu] [--out PATH]``
+[--shuffle global|local|apex] [--calib N] [--windows N] [--gpu] [--out PATH] [--quick]`` (``--quick``: MiniLM,
+2:4, magnitude and Wanda, 4 calibration sentences)
 
 Claim under test (E-Sparse): scoring weights by ``|W|`` times an input-channel factor built from the channel's
 entropy and norm, and shuffling the input channels so that the N:M groups keep more of that score, loses much less
@@ -11,8 +12,8 @@ evaluation, no progress bars), with the same calibration feeds, and scored on th
 (``METHODS``; ``dense`` is always there, ``--methods`` picks among the others):
 
 - ``dense``: the FP32 model's own figures (the reference every row is scored against);
-- ``magnitude``: recipe ``sparse24`` (``prune-nm`` score ``magnitude``, no calibration), pass options ``n``, ``m``;
-- ``wanda``: recipe ``wanda24`` (``prune-nm`` score ``wanda``: ``|W_ij| * ||X_j||_2``), ``n``, ``m``;
+- ``magnitude``: recipe ``sparse24`` (``prune-nm`` score ``magnitude``, no calibration), pass option ``nm``;
+- ``wanda``: recipe ``wanda24`` (``prune-nm`` score ``wanda``: ``|W_ij| * ||X_j||_2``), ``nm``;
 - ``esparse``: recipe ``esparse24`` with ``shuffle="none"``: the E-Sparse score alone
   (``|W_ij| * (H_j / mean H + alpha * ||X_j|| / mean ||X||)``), no channel shuffle;
 - ``esparse+shuffle``: recipe ``esparse24``, ``shuffle=--shuffle`` (default ``local``: E-Sparse's global naive
@@ -40,7 +41,7 @@ unshuffled targets and the mean over its targets of ``kept_after - kept_before``
 pruning score that N:M keeps, gained by the shuffle; unshuffled targets count 0; the JSON adds the mean over the
 shuffled targets only and ``prune-nm``'s mean kept weight energy). ``n:m weights``: how many GEMM weights of the
 written file satisfy the row's N:M on their input axis, out of all MatMul/Gemm/Conv constant weights
-(``onnxsmith.optimizer.inspect_sparsity``; the tied LM head is among them and stays dense). A failing configuration
+(``onnxsmith.analysis.sparsity.inspect_sparsity``; the tied LM head is among them and stays dense). A failing configuration
 is an ``error`` row with the exception's first line; the run goes on.
 
 Verdicts, within this run (other runs' numbers are context only): for ``smollm2``, per pattern, E-Sparse +
@@ -55,7 +56,7 @@ GPU part (``--gpu``; skipped with the reason when ``torch.cuda.is_available()`` 
 dense GEMM, float16, at SmolLM2's Linear shapes (q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576) for
 2048 tokens (prefill 1 x 2048) and 4096 tokens (batch 32 x 128): random ``W [out, in]`` pruned 2:4 along ``in``
 (2 largest ``|w|`` of every 4 kept), ``F.linear(x, W_sparse)`` vs ``F.linear(x, W)`` timed with CUDA events, after
-warm-up, median over 50 samples of 10 back-to-back calls; speedup = dense / sparse per shape and for the 7 GEMMs
+warm-up, median over 50 samples of 10 back-to-back calls (``harness.torch_median_ms``); speedup = dense / sparse per shape and for the 7 GEMMs
 of one decoder layer summed. The times include torch's tensor-subclass dispatch. E-Sparse's paper reports
 1.24-1.53x. A shape the backend rejects is an error cell.
 
@@ -67,29 +68,45 @@ table) and to ``--out`` (default ``benchmarks/results/esparse.json``, rewritten 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import re
-import shutil
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import harness
 import onnx
-
-from _harness import cpu_session, environment, finish, markdown_table, one_line, run_models, write_json
-from ptq4vit import ModelData, Variant, evaluation_outputs, run_variant
-from ptq4vit import MODELS as PTQ4VIT_MODELS
-from ptqsl import SMOLLM2_SPEC
+from harness import (
+    MODEL_SPECS,
+    Benchmark,
+    ModelData,
+    ModelSpec,
+    Report,
+    ScoredRow,
+    add_data_arguments,
+    earlier_anchors,
+    figures,
+    fmt,
+    joined,
+    log_result,
+    markdown_table,
+    note_of,
+    one_line,
+    onnxsmith_variant,
+    parse_names,
+    prepare_model,
+    run_in_folder,
+    run_models,
+    torch_median_ms,
+)
 
 if TYPE_CHECKING:
     from onnxsmith.optimizer.manager import PassRecord
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "esparse.json"
 DEFAULT_PATTERNS = ("2:4", "4:8")
 DEFAULT_CALIBRATION = 32
 DEFAULT_WINDOWS = 80
@@ -109,8 +126,8 @@ PAPER_SPEEDUP = "1.24-1.53x"
 
 @dataclass(frozen=True)
 class Method:
-    """A row: the recipe and the pass options beside ``n`` / ``m`` (``alpha`` and ``shuffle`` filled from the
-    command line for the E-Sparse rows)."""
+    """A row: the recipe and the pass options beside ``nm`` (``alpha`` and ``shuffle`` filled from the command
+    line for the E-Sparse rows)."""
 
     name: str
     recipe: str | None
@@ -134,39 +151,11 @@ VERDICT_ROWS = (("esparse+shuffle", "E-Sparse + shuffles"), ("esparse+shuffle(fo
                 ("esparse", "E-Sparse (no shuffle)"), ("wanda+shuffle", "Wanda score + shuffles"))
 
 
-@dataclass(frozen=True)
-class SparseModel:
-    """A zoo model in this benchmark: ``ptq4vit``'s model spec (figures, main first) and the direction of the
-    main figure."""
-
-    name: str
-    metrics: tuple[tuple[str, str], ...]
-    lower_is_better: bool
-
-
-MODELS: dict[str, SparseModel] = {
-    "smollm2": SparseModel("smollm2", SMOLLM2_SPEC.metrics, True),
-    "minilm": SparseModel("minilm", PTQ4VIT_MODELS["minilm"].metrics, False),
-}
+MODELS: dict[str, ModelSpec] = {name: MODEL_SPECS[name] for name in ("smollm2", "minilm")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def prepare(model: SparseModel, calibration: int, windows: int) -> ModelData:
-    """The cached FP32 model's path, its calibration and evaluation feeds and its FP32 reference outputs
-    (SmolLM2: the first ``windows`` evaluation windows; MiniLM: all its sentences)."""
-    from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
-
-    spec = replace(SMOLLM2_SPEC if model.name == "smollm2" else PTQ4VIT_MODELS[model.name],
-                   calibration_count=calibration)
-    zoo = get_zoo_model(model.name)
-    fp32 = zoo_model_path(model.name)
-    feeds = zoo.calibration_feeds(calibration)
-    evaluation = zoo.evaluation_feeds(windows if model.name == "smollm2" else None)
-    reference = evaluation_outputs(zoo, cpu_session(fp32), evaluation)
-    return ModelData(spec, zoo, fp32, feeds, feeds, evaluation, reference)
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -183,7 +172,7 @@ def nm_weights(path: Path, n: int, m: int) -> tuple[int, int, str]:
     weights read directly as constants, axis from ``weight_input_axis``)."""
     model = onnx.load(str(path))
     try:
-        from onnxsmith.optimizer.inspect_sparsity import inspect_sparsity
+        from onnxsmith.analysis.sparsity import inspect_sparsity
     except ImportError:
         return (*_own_nm_count(model, n, m), "own count")
     rows = inspect_sparsity(model, [(n, m)])
@@ -193,9 +182,9 @@ def nm_weights(path: Path, n: int, m: int) -> tuple[int, int, str]:
 def _own_nm_count(model: onnx.ModelProto, n: int, m: int) -> tuple[int, int]:
     import onnx_graphsurgeon as gs
 
-    from onnxsmith.calibration.sparsity import satisfies_nm
-    from onnxsmith.passes.graph_utils import import_graph
-    from onnxsmith.passes.qdq_nodes import weight_input_axis
+    from onnxsmith.core.sparsity import satisfies_nm
+    from onnxsmith.core.graph import import_graph
+    from onnxsmith.analysis.weights import weight_input_axis
 
     satisfied = total = 0
     for node in import_graph(model).nodes:
@@ -214,7 +203,7 @@ def _own_nm_count(model: onnx.ModelProto, n: int, m: int) -> tuple[int, int]:
 
 
 @dataclass
-class Row:
+class Row(ScoredRow):
     """One method at one pattern: ``status`` ``ok`` or ``error`` (``note`` holds the exception's first line).
 
     ``seconds``: the ``optimize_file`` call; ``calibration_seconds``: all passes' calibration; ``pass_seconds``:
@@ -228,13 +217,7 @@ class Row:
     method: str
     recipe: str | None
     pass_options: dict[str, Any] = field(default_factory=dict)
-    status: str = "ok"
-    note: str = ""
-    scores: dict[str, float] = field(default_factory=dict)
-    seconds: float | None = None
     optimize_seconds: float | None = None
-    calibration_seconds: float | None = None
-    pass_seconds: dict[str, float] = field(default_factory=dict)
     pruned: int | None = None
     skipped: int | None = None
     kept_energy_mean: float | None = None
@@ -249,13 +232,12 @@ class Row:
     nm_weights: int | None = None
     gemm_weights: int | None = None
     nm_counted_by: str | None = None
-    wall_seconds: float | None = None
 
 
 def pass_options(method: Method, n: int, m: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``n``, ``m``, then the method's own options; the E-Sparse rows add ``shuffle`` (the shuffled ones) and
-    ``alpha`` (when given)."""
-    options: dict[str, Any] = {"n": n, "m": m}
+    """``nm``, then the method's own options; the E-Sparse rows add ``shuffle`` (the shuffled ones) and ``alpha``
+    (when given)."""
+    options: dict[str, Any] = {"nm": (n, m)}
     if method.name in SHUFFLED:
         options["shuffle"] = args.shuffle
     options.update(method.options)
@@ -264,24 +246,10 @@ def pass_options(method: Method, n: int, m: int, args: argparse.Namespace) -> di
     return options
 
 
-def optimize_variant(recipe: str, options: dict[str, Any], results: list[Any]) -> Variant:
-    """``optimize_file`` with ``recipe`` and ``options``; the call's result is appended to ``results``."""
-
-    def prune(data: ModelData, output: Path) -> None:
-        from onnxsmith.optimizer.pipeline import optimize_file
-
-        results.append(optimize_file(str(data.fp32), output, recipe=recipe, calib=data.calibration,
-                                     pass_options=options, verify=False, evaluate_model=False, progress=False))
-
-    return Variant(recipe, {"recipe": recipe, "pass_options": options}, prune)
-
-
 def fill_from_records(row: Row, records: Sequence[PassRecord]) -> None:
     """Copy ``prune-nm``'s and ``shuffle-nm``'s counts and details into ``row``."""
-    row.calibration_seconds = sum(record.calibration_seconds for record in records)
+    row.take_records(records, (PRUNE_PASS, SHUFFLE_PASS))
     for record in records:
-        if record.name in (PRUNE_PASS, SHUFFLE_PASS):
-            row.pass_seconds[record.name] = record.seconds
         if record.name == PRUNE_PASS:
             row.pruned, row.skipped = record.changes.get("pruned"), record.changes.get("skipped")
             energy = [d["kept_energy"] for d in record.details if d.get("kind") == "pruned"]
@@ -321,14 +289,12 @@ def method_row(data: ModelData, method: Method, pattern: tuple[int, int], args: 
     n, m = pattern
     options = pass_options(method, n, m, args)
     row = Row(data.spec.name, f"{n}:{m}", method.name, method.recipe, options)
-    tag = re.sub(r"[^\w.-]+", "_", f"{n}of{m}-{method.name}")
     print(f"  {row.model} {row.pattern} {method.name} {options}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    output, rundir = workdir / f"{tag}.onnx", workdir / f"run-{tag}"
-    rundir.mkdir()
     results: list[Any] = []
-    attempt = run_variant(optimize_variant(method.recipe, options, results), data, output, rundir)
-    row.status, row.note, row.seconds, row.scores = attempt.status, attempt.note, attempt.seconds, attempt.scores
+    attempt, output = run_in_folder(onnxsmith_variant(method.recipe, options, results), data, workdir,
+                                    f"{n}of{m}-{method.name}")
+    row.take_attempt(attempt)
     if results:
         row.optimize_seconds = results[0].seconds
         fill_from_records(row, results[0].records)
@@ -340,10 +306,8 @@ def method_row(data: ModelData, method: Method, pattern: tuple[int, int], args: 
         except Exception as exc:  # noqa: BLE001 - a count that fails must not lose the row
             row.note = f"n:m weights not counted: {one_line(exc)}"
     output.unlink(missing_ok=True)
-    shutil.rmtree(rundir, ignore_errors=True)
     row.wall_seconds = time.perf_counter() - start
-    print(f"    {row.status} {row.scores} {row.seconds and round(row.seconds, 1)} s {row.note}", file=sys.stderr,
-          flush=True)
+    log_result(row)
     return row
 
 
@@ -351,7 +315,7 @@ def method_row(data: ModelData, method: Method, pattern: tuple[int, int], args: 
 # Verdicts
 
 
-def verdicts(model: SparseModel, pattern: str, rows: Sequence[Row], methods: Sequence[str]) -> list[str]:
+def verdicts(model: ModelSpec, pattern: str, rows: Sequence[Row], methods: Sequence[str]) -> list[str]:
     """E-Sparse rows against Wanda in this run (see the module docstring for the rule)."""
     key, header = model.metrics[0]
     ok = {row.method: row for row in rows if row.status == "ok" and math.isfinite(row.scores.get(key, math.nan))}
@@ -382,26 +346,16 @@ def verdicts(model: SparseModel, pattern: str, rows: Sequence[Row], methods: Seq
 # Output
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(*values: int | None) -> str:
-    return "—" if all(value is None for value in values) else "/".join("—" if v is None else str(v) for v in values)
-
-
-def pattern_table(model: SparseModel, rows: Sequence[Row]) -> str:
+def pattern_table(model: ModelSpec, rows: Sequence[Row]) -> str:
     """Method, figures, N:M weights, pruned / skipped, folded / gathered / unshuffled, kept gain, seconds."""
     headers = ["method", *(h for _, h in model.metrics), "n:m weights", "pruned/skipped",
                "folded/gathered/unshuffled", "kept gain", "opt s", "calib s", "notes"]
     lines = []
     for row in rows:
-        figures = [_fmt(row.scores.get(key), 2 if key == "perplexity" else 4) for key, _ in model.metrics]
         gain = "—" if row.kept_gain_mean is None else f"{row.kept_gain_mean:+.4f}"
-        note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
-        lines.append([row.method, *figures, _ratio(row.nm_weights, row.gemm_weights), _ratio(row.pruned, row.skipped),
-                      _ratio(row.folded, row.gathered, row.unshuffled), gain, _fmt(row.seconds, 1),
-                      _fmt(row.calibration_seconds, 1), note.replace("|", r"\|")])
+        lines.append([row.method, *figures(row.scores, model.metrics), joined(row.nm_weights, row.gemm_weights),
+                      joined(row.pruned, row.skipped), joined(row.folded, row.gathered, row.unshuffled), gain,
+                      fmt(row.seconds, 1), fmt(row.calibration_seconds, 1), note_of(row.status, row.note)])
     return markdown_table(headers, lines)
 
 
@@ -421,35 +375,21 @@ class PatternResult:
 
 
 @dataclass
-class ModelResult:
+class ModelResult(harness.ModelResult):
     """Everything measured on one model."""
 
-    model: str
-    calibration_feeds: int
-    evaluation_feeds: int
-    fp32_scores: dict[str, float]
     results: list[PatternResult] = field(default_factory=list)
 
 
-def print_pattern(model: SparseModel, result: ModelResult, pattern: PatternResult) -> None:
-    print(f"\n### {result.model} {pattern.pattern} ({result.calibration_feeds} calibration feeds, "
-          f"{result.evaluation_feeds} evaluation feeds)\n")
+def print_pattern(model: ModelSpec, result: ModelResult, pattern: PatternResult) -> None:
+    print(result.heading(f" {pattern.pattern}"))
     print(pattern_table(model, pattern.rows))
     print()
     if model.name == "smollm2":
-        counts = (result.evaluation_feeds, result.calibration_feeds)
-        differ = "" if counts == ANCHOR_COUNTS else (f"; this run: {counts[0]} windows, {counts[1]} calibration "
-                                                     "windows, not comparable")
-        print(f"- earlier anchors (context only; this machine, same data, {ANCHOR_COUNTS[0]} windows, "
-              f"{ANCHOR_COUNTS[1]} calibration windows): {EARLIER_ANCHORS}{differ}")
+        print(earlier_anchors(EARLIER_ANCHORS, (result.evaluation_feeds, result.calibration_feeds), ANCHOR_COUNTS))
     for line in pattern.verdicts:
         print(f"- verdict: {line}")
     sys.stdout.flush()
-
-
-def as_json(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` with its :class:`ModelResult` entries as plain dictionaries."""
-    return {**document, "models": [asdict(result) for result in document["models"]]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,24 +409,6 @@ def prune_24(torch: Any, weight: Any) -> Any:
     keep = groups.abs().topk(2, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return (groups * mask).reshape(rows, cols).contiguous()
-
-
-def cuda_median_ms(torch: Any, fn: Any) -> float:
-    """Median over :data:`GPU_SAMPLES` samples of ``fn``'s time per call in ms (CUDA events around
-    :data:`GPU_REPS` back-to-back calls, after :data:`GPU_WARMUP` calls)."""
-    for _ in range(GPU_WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(GPU_SAMPLES):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(GPU_REPS):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / GPU_REPS)
-    return statistics.median(samples)
 
 
 def gpu_benchmark() -> dict[str, Any]:
@@ -525,8 +447,10 @@ def gpu_benchmark() -> dict[str, Any]:
                     dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
                     cell["max_abs_diff"] = float((dense_out.float() - sparse_out.float()).abs().max())
                     cell["max_abs_dense"] = float(dense_out.float().abs().max())
-                    cell["dense_ms"] = cuda_median_ms(torch, lambda: F.linear(x, weight))
-                    cell["sparse_ms"] = cuda_median_ms(torch, lambda: F.linear(x, sparse))
+                    cell["dense_ms"] = torch_median_ms(torch, lambda: F.linear(x, weight), GPU_SAMPLES, GPU_REPS,
+                                                        GPU_WARMUP)
+                    cell["sparse_ms"] = torch_median_ms(torch, lambda: F.linear(x, sparse), GPU_SAMPLES, GPU_REPS,
+                                                         GPU_WARMUP)
                 cell["speedup"] = cell["dense_ms"] / cell["sparse_ms"]
             except Exception as exc:  # noqa: BLE001 - a rejected shape is an error cell
                 cell["error"] = one_line(exc)
@@ -550,11 +474,11 @@ def print_gpu(result: dict[str, Any]) -> None:
     for case in result["cases"]:
         for cell in case["shapes"]:
             lines.append([case["case"], cell["layer"], f"{cell['in']}->{cell['out']}",
-                          _fmt(cell.get("dense_ms"), 4), _fmt(cell.get("sparse_ms"), 4), _fmt(cell.get("speedup"), 2),
-                          cell.get("error", "").replace("|", r"\|")])
+                          fmt(cell.get("dense_ms"), 4), fmt(cell.get("sparse_ms"), 4), fmt(cell.get("speedup"), 2),
+                          cell.get("error", "")])
         layer = case["decoder_layer"]
-        lines.append([case["case"], "decoder layer (sum)", "7 GEMMs", _fmt(layer.get("dense_ms"), 4),
-                      _fmt(layer.get("sparse_ms"), 4), _fmt(layer.get("speedup"), 2),
+        lines.append([case["case"], "decoder layer (sum)", "7 GEMMs", fmt(layer.get("dense_ms"), 4),
+                      fmt(layer.get("sparse_ms"), 4), fmt(layer.get("speedup"), 2),
                       "" if "speedup" in layer else f"{layer['timed']} of {layer['shapes']} shapes timed"])
     print(markdown_table(["tokens", "layer", "in->out", "dense ms", "sparse ms", "speedup", "notes"], lines))
     print(f"\n- {result['device']} (sm {'.'.join(map(str, result['capability']))}), torch {result['torch']}, "
@@ -566,16 +490,7 @@ def print_gpu(result: dict[str, Any]) -> None:
 # Main
 
 
-def parse_names(parser: argparse.ArgumentParser, text: str, known: Sequence[str], what: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        parser.error(f"unknown or no {what} {unknown}; known: {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of: {', '.join(MODELS)}")
     parser.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
                         help=f"comma-separated N:M patterns (default {','.join(DEFAULT_PATTERNS)})")
@@ -585,15 +500,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="E-Sparse alpha for the esparse rows (default: not passed, the passes' default 100)")
     parser.add_argument("--shuffle", default=DEFAULT_SHUFFLE, choices=SHUFFLE_CHOICES,
                         help=f"shuffle of the esparse+shuffle rows (default {DEFAULT_SHUFFLE}; apex: 2:4 only)")
-    parser.add_argument("--calib", type=int, default=DEFAULT_CALIBRATION, metavar="N",
-                        help=f"calibration feeds per model (default {DEFAULT_CALIBRATION})")
-    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, metavar="N",
-                        help=f"SmolLM2 evaluation windows of 256 tokens (default {DEFAULT_WINDOWS}, at most 80)")
+    add_data_arguments(parser, DEFAULT_CALIBRATION, DEFAULT_WINDOWS)
     parser.add_argument("--gpu", action="store_true",
                         help="also time torch's semi-structured 2:4 GEMM vs dense at SmolLM2's shapes (CUDA only)")
-    parser.add_argument("--out", "--json", dest="out", type=Path, default=DEFAULT_OUT, metavar="PATH",
-                        help="where to write the JSON (default benchmarks/results/esparse.json)")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.models = parse_names(parser, args.models, list(MODELS), "models")
     args.methods = ["dense", *(name for name in parse_names(parser, args.methods, list(METHODS), "methods")
                                if name != "dense")]
@@ -605,66 +517,49 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--calib and --windows must be at least 1")
     if args.alpha is not None and not args.alpha >= 0:
         parser.error("--alpha must be >= 0")
-    return args
 
 
-def run_model(model: SparseModel, args: argparse.Namespace, document: dict[str, Any], workdir: Path) -> None:
+def run_model(model: ModelSpec, args: argparse.Namespace, report: Report, workdir: Path) -> None:
     """Every pattern and method on one model; the JSON is rewritten after every pattern."""
-    print(f"{model.name}: preparing data", file=sys.stderr, flush=True)
-    data = prepare(model, args.calib, args.windows)
-    fp32_scores = data.zoo.score(data.reference, data.reference)
-    result = ModelResult(model.name, len(data.calibration), len(data.evaluation), fp32_scores)
-    document["models"].append(result)
+    data = prepare_model(model, calibration=args.calib,
+                         evaluation=args.windows if model.name == "smollm2" else None)
+    result = ModelResult.of(data)
+    report.document["models"].append(result)
     for n, m in args.patterns:
         pattern = f"{n}:{m}"
-        rows = [dense_row(data, (n, m), fp32_scores)]
+        rows = [dense_row(data, (n, m), result.fp32_scores)]
         rows += [method_row(data, METHODS[name], (n, m), args, workdir) for name in args.methods if name != "dense"]
         result.results.append(PatternResult(pattern, rows, verdicts(model, pattern, rows, args.methods)))
         print_pattern(model, result, result.results[-1])
-        write_json(args.out, as_json(document))
+        report.save()
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark; prints the tables as they are done and returns the JSON document."""
-    importlib.import_module("onnxsmith.optimizer.pipeline")  # imported before any clock starts
-
-    start = time.perf_counter()
-    document: dict[str, Any] = {
-        "benchmark": "esparse",
-        "environment": environment(),
-        "settings": {
-            "models": args.models,
-            "patterns": [f"{n}:{m}" for n, m in args.patterns],
-            "methods": {name: {"recipe": METHODS[name].recipe, "options": METHODS[name].options}
-                        for name in args.methods},
-            "alpha": args.alpha,
-            "shuffle": args.shuffle,
-            "calibration_feeds": args.calib,
-            "smollm2_evaluation_windows": args.windows,
-            "verdict": {"target_reduction_percent": TARGET_REDUCTION, "ppl_ceiling": PPL_CEILING},
-            "earlier_anchors": {"figures": EARLIER_ANCHORS, "evaluation_windows": ANCHOR_COUNTS[0],
-                                "calibration_windows": ANCHOR_COUNTS[1]},
-            "gpu": args.gpu,
-        },
-        "models": [],
-        "complete": False,
+def run(args: argparse.Namespace, report: Report) -> None:
+    """The whole benchmark; prints the tables as they are done and fills the JSON document."""
+    report.document["settings"] = {
+        "models": args.models,
+        "patterns": [f"{n}:{m}" for n, m in args.patterns],
+        "methods": {name: {"recipe": METHODS[name].recipe, "options": METHODS[name].options}
+                    for name in args.methods},
+        "alpha": args.alpha,
+        "shuffle": args.shuffle,
+        "calibration_feeds": args.calib,
+        "smollm2_evaluation_windows": args.windows,
+        "verdict": {"target_reduction_percent": TARGET_REDUCTION, "ppl_ceiling": PPL_CEILING},
+        "earlier_anchors": {"figures": EARLIER_ANCHORS, "evaluation_windows": ANCHOR_COUNTS[0],
+                            "calibration_windows": ANCHOR_COUNTS[1]},
+        "gpu": args.gpu,
     }
-    run_models(args.models, lambda name, workdir: run_model(MODELS[name], args, document, workdir), document,
-               lambda: write_json(args.out, as_json(document)), "esparse")
+    report.document["models"] = []
+    run_models(report, args.models, lambda name, workdir: run_model(MODELS[name], args, report, workdir))
     if args.gpu:
-        document["gpu"] = gpu_benchmark()
-        print_gpu(document["gpu"])
-    finish(document, LEGEND, start)
-    return as_json(document)
+        report.document["gpu"] = gpu_benchmark()
+        print_gpu(report.document["gpu"])
+    report.finish(LEGEND)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    document = run_benchmark(args)
-    write_json(args.out, document)
-    print(f"- JSON written to {args.out}")
-    return 0
-
+main = Benchmark("esparse", __doc__, run, add_arguments, check_arguments,
+                 quick={"models": "minilm", "patterns": "2:4", "methods": "magnitude,wanda", "calib": 4}).main
 
 if __name__ == "__main__":
     sys.exit(main())

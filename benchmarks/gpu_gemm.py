@@ -2,7 +2,8 @@
 
 Usage: ``python benchmarks/gpu_gemm.py [--models smollm2,minilm] [--recipes sparse24,int4-wo] [--onnx PATH ...]
 [--groups PATH ...] [--save-groups PATH] [--tokens 1,16,128,2048] [--runs N] [--reps N] [--warmup N] [--calib N]
-[--set RECIPE:KEY=VALUE,...] [--tolerance X] [--device auto|cuda|cpu] [--dry-run] [--out PATH]``
+[--set RECIPE:KEY=VALUE,...] [--tolerance X] [--device auto|cuda|cpu] [--dry-run] [--out PATH] [--quick]``
+(``--quick``: MiniLM with ``sparse24`` only, 1 calibration feed, M = 1 and 16, 5 samples of 2 calls)
 
 A stand-in until a TensorRT machine exists: instead of building engines, the GEMMs of the files onnxsmith writes
 are timed one by one with torch on the GPU, at the models' own shapes and with their own weight values.
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -78,9 +78,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from _harness import environment, finish, markdown_table, one_line, write_json
+from harness import Benchmark, Report, markdown_table, one_line, optimize_model, torch_median_ms
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_gemm.json"
 DEFAULT_MODELS = ("smollm2",)
 MODEL_CHOICES = ("smollm2", "minilm")
 DEFAULT_RECIPES = ("sparse24", "int4-wo")
@@ -280,7 +279,7 @@ def _is_noop_reshape(shape: Sequence[int], target: Sequence[int], allowzero: boo
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """``numpy_helper.to_array``, with INT4 / UINT4 unpacked to int8 by onnxsmith's own :func:`unpack_int4`."""
     if tensor.data_type in FOUR_BIT_TYPES:
-        from onnxsmith.calibration.int4 import unpack_int4
+        from onnxsmith.core.int4 import unpack_int4
 
         count = int(np.prod(tensor.dims, dtype=np.int64))
         signed = FOUR_BIT_TYPES[tensor.data_type]
@@ -318,7 +317,7 @@ def gemm_weights(model: onnx.ModelProto, skipped: list[tuple[str, str]] | None =
     that do not qualify (activation weights, batched or k x k Conv weights, unsupported quantized forms) are
     appended to ``skipped`` as ``(node name, reason)`` when a list is given.
     """
-    from onnxsmith.calibration.sparsity import satisfies_nm
+    from onnxsmith.core.sparsity import satisfies_nm
 
     graph = _Graph(model)
     result = []
@@ -391,7 +390,7 @@ def _set_levels(gemm: GemmWeight, levels: np.ndarray, scale_full: np.ndarray, bl
 def _matmul_nbits(graph: _Graph, node: onnx.NodeProto, name: str) -> GemmWeight | str:
     """``com.microsoft.MatMulNBits`` (bits 4, uint8 zero points or none): unsigned nibbles ``[N, blocks, block/2]``
     low nibble first, scales ``[N * blocks]``, default zero point 8."""
-    from onnxsmith.calibration.int4 import unpack_int4
+    from onnxsmith.core.int4 import unpack_int4
 
     k, n, bits, block = (_attr(node, key, None) for key in ("K", "N", "bits", "block_size"))
     if bits != 4:
@@ -658,28 +657,8 @@ def make_backend(device: str) -> Backend:
 
 def median_ms(backend: Backend, fn: Callable[[], Any], runs: int, reps: int, warmup: int) -> float:
     """Median over ``runs`` samples of ``fn``'s time per call (ms): CUDA events (or ``perf_counter`` on the CPU)
-    around ``reps`` back-to-back calls, after ``warmup`` calls and a synchronize."""
-    torch = backend.torch
-    for _ in range(warmup):
-        fn()
-    if backend.cuda:
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        if backend.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / reps)
-        else:
-            begin = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples.append((time.perf_counter() - begin) * 1e3 / reps)
-    return statistics.median(samples)
+    around ``reps`` back-to-back calls, after ``warmup`` calls and a synchronize (``harness.torch_median_ms``)."""
+    return torch_median_ms(backend.torch, fn, runs, reps, warmup, cuda=backend.cuda)
 
 
 def relative_error(torch: Any, value: Any, reference: Any) -> float:
@@ -940,14 +919,12 @@ def build_model(source: Source, args: argparse.Namespace, workdir: Path) -> tupl
     if source.onnx is not None:
         return onnx.load(str(source.onnx)), {"onnx": str(source.onnx)}
     from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
-    from onnxsmith.optimizer.pipeline import optimize_file
 
     options = dict(args.recipe_options.get(source.recipe, {}))
     feeds = get_zoo_model(source.model).calibration_feeds(args.calib)
     output = workdir / f"{source.model}-{source.recipe}.onnx"
     start = time.perf_counter()
-    result = optimize_file(str(zoo_model_path(source.model)), str(output), recipe=source.recipe, calib=feeds,
-                           pass_options=options, verify=False, evaluate_model=False, progress=False)
+    result = optimize_model(zoo_model_path(source.model), output, source.recipe, feeds, options)
     seconds = time.perf_counter() - start
     changes = {record.name: record.changes for record in result.records if getattr(record, "changes", None)}
     return onnx.load(str(output)), {"recipe": source.recipe, "pass_options": options, "calibration_feeds": len(feeds),
@@ -1021,8 +998,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None,
                         help=f"comma-separated zoo models among {', '.join(MODEL_CHOICES)} (default "
                              f"{','.join(DEFAULT_MODELS)}; none when --onnx or --groups is given)")
@@ -1054,9 +1030,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: CUDA when available, else shapes only; cpu: a smoke test of the timing pipeline")
     parser.add_argument("--dry-run", action="store_true", help="shapes and qualifying weights only, no timing")
-    parser.add_argument("--out", "--json", dest="out", type=Path, default=DEFAULT_OUT, metavar="PATH",
-                        help="where the JSON goes (default benchmarks/results/gpu_gemm.json)")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.models is None:
         args.models = [] if args.onnx or args.groups else list(DEFAULT_MODELS)
     else:
@@ -1085,7 +1061,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             if not equals or not key.strip():
                 parser.error(f"--set {text!r}: expected KEY=VALUE, got {assignment!r}")
             args.recipe_options.setdefault(recipe.strip(), {})[key.strip()] = parse_value(value.strip())
-    return args
 
 
 def sources_of(args: argparse.Namespace) -> list[Source]:
@@ -1097,9 +1072,7 @@ def sources_of(args: argparse.Namespace) -> list[Source]:
     return sources
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    start = time.perf_counter()
+def run(args: argparse.Namespace, report: Report) -> None:
     backend, why_not = None, ""
     if args.device == "cpu" and not args.dry_run:
         backend = make_backend("cpu")
@@ -1109,9 +1082,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend = make_backend("cuda")
         else:
             why_not = detail
-    document: dict[str, Any] = {
-        "benchmark": "gpu_gemm",
-        "environment": {**environment(), "timing": backend.facts if backend else None},
+    document = report.document
+    document["environment"]["timing"] = backend.facts if backend else None
+    document.update({
         "settings": {"models": args.models, "recipes": args.recipes, "onnx": [str(p) for p in args.onnx],
                      "groups": [str(p) for p in args.groups], "save_groups": args.save_groups and str(args.save_groups),
                      "recipe_options": args.recipe_options, "tokens": args.tokens, "runs": args.runs,
@@ -1119,8 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "tolerance": args.tolerance, "device": args.device, "dry_run": args.dry_run},
         "timed": backend is not None,
         "sources": [],
-        "complete": False,
-    }
+    })
     if backend is None:
         document["no_timing_reason"] = "--dry-run" if args.dry_run else why_not
     else:
@@ -1139,7 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a source that cannot be built must not stop the run
                 print(f"\n- {source.label}: error: {one_line(exc)}")
                 document["sources"].append({"label": source.label, "error": one_line(exc)})
-        write_json(args.out, document)
+        report.save()
     print()
     if args.save_groups is not None:
         document["saved_groups"] = save_groups(args.save_groups, to_save)
@@ -1151,11 +1123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("- dry run: shapes only, no timings")
         else:
             print(f"- {NO_GPU_LINE} ({why_not})")
-    finish(document, LEGEND, start)
-    write_json(args.out, document)
-    print(f"- JSON written to {args.out}")
-    return 0
+    report.finish(LEGEND)
 
+
+BENCHMARK = Benchmark("gpu_gemm", __doc__, run, add_arguments, check_arguments,
+                      quick={"models": "minilm", "recipes": "sparse24", "calib": 1, "tokens": "1,16", "runs": 5,
+                             "reps": 2, "warmup": 2})
+parse_args, main = BENCHMARK.parse_args, BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

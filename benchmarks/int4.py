@@ -1,7 +1,8 @@
 """INT4: onnxruntime's MatMulNBitsQuantizer against onnxsmith's INT4 weights (RTN, MSE, AWQ, learned steps).
 
 Usage: ``python benchmarks/int4.py [--models smollm2,minilm] [--blocks 64,32] [--methods a,b] [--windows N]
-[--calib N] [--learn-steps N] [--other-blocks-methods a,b] [--gptq] [--no-latency] [--rounds N] [--out PATH]``
+[--calib N] [--learn-steps N] [--other-blocks-methods a,b] [--gptq] [--no-latency] [--rounds N] [--out PATH]
+[--quick]`` (``--quick``: MiniLM, the ``w4a16-rtn`` and ``w4a8`` rows, 4 calibration sentences)
 
 Claim under test: onnxsmith's INT4 weights with activation-aware scaling and learned steps keep SmolLM2-135M's
 perplexity close to FP32 at symmetric block 64 (target: <= 19.0; FP32 17.47, plain RTN symmetric g64 26.0 on
@@ -53,9 +54,9 @@ rows, the quantizing pass's (``int4-weight`` or
 error on the calibration tokens (``int4-weight``'s ``output_error`` of its ``weight`` details, absent for ``rtn``
 without calibration; ``ptq-qdq``'s ``learned_to`` of learned layers; learned rows show it before -> after).
 
-Latency (``smollm2`` only; ``--no-latency`` skips it): onnxruntime CPU (``_harness.cpu_session``, all graph
+Latency (``smollm2`` only; ``--no-latency`` skips it): onnxruntime CPU (``harness.cpu_session``, all graph
 optimizations, default threads), batch 1 x 128 tokens, a full forward (the zoo SmolLM2 has no KV cache), input
-the first evaluation window cut to its first 128 tokens; ``interleaved_latency_ms`` with ``--rounds`` rounds
+the first evaluation window cut to its first 128 tokens; ``harness.interleaved_latency`` with ``--rounds`` rounds
 (default 30) after 3 warm-up runs; per model the median ms and the median of per-round ratios to FP32 (with
 quartiles). Timed per block of ``--blocks``: FP32; ``ort-rtn`` (the block's row, else one more quantization);
 the block's ``int4-gptq`` row (else ``int4-awq``) as written: TensorRT's INT4 ``DequantizeLinear`` form at block
@@ -78,42 +79,49 @@ true`` once the run has finished), with ``environment()`` and the settings.
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import math
-import re
-import shutil
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import harness
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat
-
-from _harness import (
+from harness import (
+    MODEL_SPECS,
+    Benchmark,
     Feed,
-    cpu_session,
-    environment,
-    finish,
-    interleaved_latency_ms,
+    LatencyCase,
+    ModelData,
+    ModelSpec,
+    Report,
+    ScoredRow,
+    Variant,
+    add_data_arguments,
+    earlier_anchors,
+    figures,
+    fmt,
+    interleaved_latency,
+    joined,
+    log_result,
     markdown_table,
+    missing_recipes,
+    note_of,
     one_line,
-    paired_ratios,
+    onnxsmith_variant,
+    ort_matmul_nbits,
+    parse_names,
+    prepare_model,
+    run_in_folder,
     run_models,
-    write_json,
 )
-from ptq4vit import ModelData, Variant, evaluation_outputs, run_variant
-from ptq4vit import MODELS as PTQ4VIT_MODELS
-from ptqsl import SMOLLM2_SPEC
 
 if TYPE_CHECKING:
     from onnxsmith.optimizer.manager import PassRecord
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "int4.json"
 MODEL_NAMES = ("smollm2", "minilm")
 DEFAULT_BLOCKS = (64, 32)
 ALLOWED_BLOCKS = (16, 32, 64, 128)
@@ -175,33 +183,21 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("w4a16-rtn", "minilm", "onnxsmith int4-wo rtn g32 (weights only, context)", "int4-wo",
            {"method": "rtn", "block_size": 32, "target": "onnxruntime"}),
     Method("w4a16-gptq", "minilm", "onnxsmith int4-wo g32 + GPTQ rounding (weights only, context)", "int4-wo",
-           {"rounding": "gptq", "block_size": 32, "target": "onnxruntime"}),
+           {"int4-weight": {"rounding": "gptq"}, "block_size": 32, "target": "onnxruntime"}),
     Method("w4a8", "minilm", "onnxsmith w4a8 (RTN + minmax)", "w4a8"),
     Method("w4a8-learned", "minilm", "onnxsmith w4a8 + learned steps", "w4a8", learned=True),
     Method("w4a4", "minilm", "onnxsmith w4a4-kd, learn_steps 0 (RTN + minmax)", "w4a4-kd", {"learn_steps": 0}),
-    Method("w4a8-gptq", "minilm", "onnxsmith w4a8 + GPTQ rounding (MSE steps)", "w4a8", {"rounding": "gptq"}),
+    Method("w4a8-gptq", "minilm", "onnxsmith w4a8 + GPTQ rounding (MSE steps)", "w4a8", {"ptq-qdq": {"rounding": "gptq"}}),
     Method("w4a4-learned", "minilm", "onnxsmith w4a4-kd (learned, recipe default)", "w4a4-kd"),
-    Method("w4a4-gptq", "minilm", "onnxsmith w4a4-kd (learned) + GPTQ rounding", "w4a4-kd", {"rounding": "gptq"}),
+    Method("w4a4-gptq", "minilm", "onnxsmith w4a4-kd (learned) + GPTQ rounding", "w4a4-kd", {"ptq-qdq": {"rounding": "gptq"}}),
 ]}
 ONNXSMITH_G64 = ("int4-rtn", "int4-wo", "int4-awq", "int4-learned", "int4-gptq")
 """The rows judged against the SmolLM2 target."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """A zoo model in this benchmark: ``ptq4vit``'s model spec (figures, main first), the direction of the main
-    figure and whether its rows run per block size."""
-
-    name: str
-    metrics: tuple[tuple[str, str], ...]
-    lower_is_better: bool
-    blocked: bool
-
-
-MODELS: dict[str, ModelInfo] = {
-    "smollm2": ModelInfo("smollm2", SMOLLM2_SPEC.metrics, True, True),
-    "minilm": ModelInfo("minilm", PTQ4VIT_MODELS["minilm"].metrics, False, False),
-}
+MODELS: dict[str, ModelSpec] = {name: MODEL_SPECS[name] for name in MODEL_NAMES}
+BLOCKED = ("smollm2",)
+"""The models whose rows run once per block size of ``--blocks``."""
 
 
 def block_options(block: int) -> dict[str, Any]:
@@ -222,21 +218,6 @@ def pass_options(method: Method, block: int | None, learn_steps: int) -> dict[st
 # Data
 
 
-def prepare(model: ModelInfo, calibration: int, windows: int) -> ModelData:
-    """The cached FP32 model's path (read only), its calibration and evaluation feeds and its FP32 reference
-    outputs (SmolLM2: the first ``windows`` evaluation windows; MiniLM: all its sentences)."""
-    from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
-
-    spec = replace(SMOLLM2_SPEC if model.name == "smollm2" else PTQ4VIT_MODELS[model.name],
-                   calibration_count=calibration)
-    zoo = get_zoo_model(model.name)
-    fp32 = zoo_model_path(model.name)
-    feeds = zoo.calibration_feeds(calibration)
-    evaluation = zoo.evaluation_feeds(windows if model.name == "smollm2" else None)
-    reference = evaluation_outputs(zoo, cpu_session(fp32), evaluation)
-    return ModelData(spec, zoo, fp32, feeds, feeds, evaluation, reference)
-
-
 def size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
@@ -246,34 +227,8 @@ def matmul_nbits_count(path: Path) -> int:
     return sum(node.op_type == "MatMulNBits" for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-class FeedReader(CalibrationDataReader):
-    """onnxruntime calibration reader over a list of feeds; plain attributes, so GPTQ's ``deepcopy`` restarts it."""
-
-    def __init__(self, feeds: Sequence[Feed]) -> None:
-        self.feeds, self.index = list(feeds), 0
-
-    def get_next(self) -> Feed | None:
-        if self.index >= len(self.feeds):
-            return None
-        self.index += 1
-        return self.feeds[self.index - 1]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Quantizers
-
-
-def onnxsmith_variant(recipe: str, options: dict[str, Any], results: list[Any]) -> Variant:
-    """``optimize_file`` with ``recipe`` and ``options`` (no verification, no evaluation, no progress bars); the
-    call's result is appended to ``results``."""
-
-    def quantize(data: ModelData, output: Path) -> None:
-        from onnxsmith.optimizer.pipeline import optimize_file
-
-        results.append(optimize_file(str(data.fp32), str(output), recipe=recipe, calib=data.calibration,
-                                     pass_options=options, verify=False, evaluate_model=False, progress=False))
-
-    return Variant(recipe, {"recipe": recipe, "pass_options": options}, quantize)
 
 
 def ort_variant(algorithm: str, block: int) -> Variant:
@@ -290,28 +245,7 @@ def ort_variant(algorithm: str, block: int) -> Variant:
                         calibration="the calibration feeds")
 
     def quantize(data: ModelData, output: Path) -> None:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            GPTQWeightOnlyQuantConfig,
-            HQQWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-
-        logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # it logs every node at INFO
-        model = onnx.load(str(data.fp32))
-        if algorithm == "rtn":
-            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=4,
-                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-        elif algorithm == "hqq":
-            config = HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-        else:  # the group size comes from the quantizer's block_size, GPTQ's own block_size is its column batch
-            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=FeedReader(data.calibration), block_size=block,
-                                               op_types_to_quantize=("MatMul",))
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, algo_config=config)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
+        ort_matmul_nbits(data.fp32, output, algorithm, block, data.calibration)
 
     return Variant(f"ort-{algorithm}", settings, quantize)
 
@@ -321,7 +255,7 @@ def ort_variant(algorithm: str, block: int) -> Variant:
 
 
 @dataclass
-class Row:
+class Row(ScoredRow):
     """One quantization, scored: ``status`` ``ok``, ``error`` or ``skipped`` (``note`` says why).
 
     ``seconds``: the quantization call; ``size_mb``: the written file (10^6 bytes). From the quantizing pass
@@ -335,11 +269,6 @@ class Row:
     block: int | None
     method: str
     label: str
-    status: str = "ok"
-    note: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, float] = field(default_factory=dict)
-    seconds: float | None = None
     size_mb: float | None = None
     quant_pass: str | None = None
     layers_quantized: int | None = None
@@ -349,20 +278,17 @@ class Row:
     output_error_layers: int | None = None
     learned_from_mean: float | None = None
     pass_changes: dict[str, Any] = field(default_factory=dict)
-    pass_seconds: dict[str, float] = field(default_factory=dict)
-    calibration_seconds: float | None = None
-    wall_seconds: float | None = None
 
 
 def fill_from_records(row: Row, records: Sequence[PassRecord]) -> None:
     """Copy the quantizing pass's counts, changes and mean output error into ``row``."""
-    row.calibration_seconds = sum(record.calibration_seconds for record in records)
+    row.take_records(records, QUANT_PASSES)
     for record in records:
         if record.name == "awq-scale":
             row.awq_groups_folded = record.changes.get("folded")
         if record.name not in QUANT_PASSES:
             continue
-        row.quant_pass, row.pass_seconds[record.name] = record.name, record.seconds
+        row.quant_pass = record.name
         row.pass_changes = dict(record.changes)
         row.layers_quantized = record.changes.get("layers_quantized")
         row.layers_skipped = record.changes.get("layers_skipped",
@@ -390,26 +316,22 @@ def run_row(data: ModelData, name: str, label: str, variant: Variant, block: int
     """Quantize with ``variant`` (working directory a fresh folder in ``workdir``), score it and measure its
     file; the file is kept (and returned) when ``keep`` and the row is ``ok``, else deleted. Never raises."""
     row = Row(data.spec.name, block, name, label, settings=variant.settings)
-    tag = re.sub(r"[^\w.-]+", "_", f"g{block}-{name}" if block is not None else name)
+    tag = f"g{block}-{name}" if block is not None else name
     print(f"  {row.model} {tag} {variant.settings}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    output, rundir = workdir / f"{tag}.onnx", workdir / f"run-{tag}"
-    rundir.mkdir()
-    attempt = run_variant(variant, data, output, rundir)
-    row.status, row.note, row.seconds, row.scores = attempt.status, attempt.note, attempt.seconds, attempt.scores
+    attempt, output = run_in_folder(variant, data, workdir, tag)  # onnxruntime's temporary files go with its folder
+    row.take_attempt(attempt)
     if results:
         fill_from_records(row, results[0].records)
     if output.exists():
         row.size_mb = size_mb(output)
         if row.layers_quantized is None and row.status == "ok":  # onnxruntime rows: count what it wrote
             row.layers_quantized = matmul_nbits_count(output)
-    shutil.rmtree(rundir, ignore_errors=True)  # with onnxruntime's temporary files
     kept = keep and row.status == "ok"
     if not kept:
         output.unlink(missing_ok=True)
     row.wall_seconds = time.perf_counter() - start
-    print(f"    {row.status} {row.scores} {row.seconds and round(row.seconds, 1)} s {row.note}", file=sys.stderr,
-          flush=True)
+    log_result(row)
     return row, output if kept else None
 
 
@@ -420,8 +342,8 @@ def method_row(data: ModelData, method: Method, block: int | None, args: argpars
     if method.ort is not None:
         assert block is not None
         if method.ort == "gptq" and not args.gptq:
-            return Row(data.spec.name, block, method.name, method.label, "skipped", GPTQ_SKIP,
-                       ort_variant("gptq", block).settings), None
+            return Row(data.spec.name, block, method.name, method.label, status="skipped", note=GPTQ_SKIP,
+                       settings=ort_variant("gptq", block).settings), None
         variant = ort_variant(method.ort, block)
     else:
         assert method.recipe is not None
@@ -542,15 +464,11 @@ def run_latency(data: ModelData, fp32_scores: dict[str, float], blocks: Sequence
         feed = latency_feed(data.evaluation[0])
         result.input_shapes = {name: list(array.shape) for name, array in feed.items()}
         result.rounds = args.rounds
-        sessions = {key: cpu_session(path) for key, path in models.items()}
-        print(f"  latency: {args.rounds} interleaved rounds of {len(sessions)} models, input {result.input_shapes}",
-              file=sys.stderr, flush=True)
-        times = interleaved_latency_ms(sessions, feed, args.rounds)
+        case = f"batch1x{LATENCY_TOKENS}"
+        timings = interleaved_latency(models, {case: LatencyCase(feed, args.rounds)})[case]
         for timed in result.timed:
-            ratios = paired_ratios(times[timed.key], times["fp32"])
-            quartiles = statistics.quantiles(ratios, n=4)
-            timed.ms, timed.ratio = statistics.median(times[timed.key]), statistics.median(ratios)
-            timed.ratio_quartiles = [quartiles[0], quartiles[2]]
+            timing = timings[timed.key]
+            timed.ms, timed.ratio, timed.ratio_quartiles = timing["ms"], timing["ratio"], timing["ratio_quartiles"]
     except Exception as exc:  # noqa: BLE001 - a latency failure must not lose the tables
         result.error = one_line(exc)
 
@@ -614,43 +532,29 @@ def minilm_verdicts(rows: Sequence[Row]) -> list[str]:
 # Output
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", r"\|")
-
-
-def _pair(*values: int | None) -> str:
-    return "—" if all(value is None for value in values) else "/".join("—" if v is None else str(v) for v in values)
-
-
 def _error_cell(row: Row) -> str:
     """The mean output error, ``before→after`` for learned rows."""
     if row.learned_from_mean is None:
-        return _fmt(row.output_error_mean, 4)
-    return f"{row.learned_from_mean:.4f}→{_fmt(row.output_error_mean, 4)}"
+        return fmt(row.output_error_mean, 4)
+    return f"{row.learned_from_mean:.4f}→{fmt(row.output_error_mean, 4)}"
 
 
-def rows_table(model: ModelInfo, rows: Sequence[Row]) -> str:
+def rows_table(model: ModelSpec, rows: Sequence[Row]) -> str:
     """Method, what it is, figures, file size, layers, AWQ groups, output error, seconds, notes."""
     headers = ["method", "quantizer", *(h for _, h in model.metrics), "MB", "layers q/skip", "awq folded",
                "out err", "quant s", "notes"]
     lines = []
     for row in rows:
-        figures = [_fmt(row.scores.get(key), 2 if key == "perplexity" else 4) for key, _ in model.metrics]
-        note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
-        lines.append([row.method, row.label, *figures, _fmt(row.size_mb, 1),
-                      _pair(row.layers_quantized, row.layers_skipped), _pair(row.awq_groups_folded),
-                      _error_cell(row), _fmt(row.seconds, 1), _cell(note)])
+        lines.append([row.method, row.label, *figures(row.scores, model.metrics), fmt(row.size_mb, 1),
+                      joined(row.layers_quantized, row.layers_skipped), joined(row.awq_groups_folded),
+                      _error_cell(row), fmt(row.seconds, 1), note_of(row.status, row.note)])
     return markdown_table(headers, lines)
 
 
 def latency_table(result: LatencyResult) -> str:
     headers = ["model", "INT4 form", "MB", "ppl", "ms", "×FP32", "×FP32 q1–q3"]
-    lines = [[timed.key, timed.form, _fmt(timed.size_mb, 1), _fmt(timed.scores.get("perplexity"), 2),
-              _fmt(timed.ms, 1), _fmt(timed.ratio, 2),
+    lines = [[timed.key, timed.form, fmt(timed.size_mb, 1), fmt(timed.scores.get("perplexity"), 2),
+              fmt(timed.ms, 1), fmt(timed.ratio, 2),
               "—" if not timed.ratio_quartiles else f"{timed.ratio_quartiles[0]:.2f}–{timed.ratio_quartiles[1]:.2f}"]
              for timed in result.timed]
     return markdown_table(headers, lines)
@@ -666,13 +570,9 @@ class Table:
 
 
 @dataclass
-class ModelResult:
+class ModelResult(harness.ModelResult):
     """Everything measured on one model."""
 
-    model: str
-    calibration_feeds: int
-    evaluation_feeds: int
-    fp32_scores: dict[str, float]
     fp32_size_mb: float
     tables: list[Table] = field(default_factory=list)
     latency: LatencyResult | None = None
@@ -686,18 +586,13 @@ LEGEND = ("MB: file size (10^6 bytes); layers q/skip: the quantizing pass's laye
           "time of the quantization call (loading and saving included)")
 
 
-def print_table(model: ModelInfo, result: ModelResult, table: Table) -> None:
+def print_table(model: ModelSpec, result: ModelResult, table: Table) -> None:
     block = "" if table.block is None else f" INT4 block {table.block}"
-    print(f"\n### {result.model}{block} ({result.calibration_feeds} calibration feeds, {result.evaluation_feeds} "
-          f"evaluation feeds)\n")
+    print(result.heading(block))
     print(rows_table(model, table.rows))
     print()
     if model.name == "smollm2":
-        counts = (result.evaluation_feeds, result.calibration_feeds)
-        differ = "" if counts == ANCHOR_COUNTS else (f"; this run: {counts[0]} windows, {counts[1]} calibration "
-                                                     "windows, not comparable")
-        print(f"- earlier anchors (context only; this machine, same data, {ANCHOR_COUNTS[0]} windows, "
-              f"{ANCHOR_COUNTS[1]} calibration windows): {EARLIER_ANCHORS}{differ}")
+        print(earlier_anchors(EARLIER_ANCHORS, (result.evaluation_feeds, result.calibration_feeds), ANCHOR_COUNTS))
         print(f"- {SMOLLM2_ORIGIN}")
     for line in table.verdicts:
         print(f"- verdict: {line}")
@@ -720,25 +615,11 @@ def print_latency(result: LatencyResult) -> None:
     sys.stdout.flush()
 
 
-def as_json(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` with its :class:`ModelResult` entries as plain dictionaries."""
-    return {**document, "models": [asdict(result) for result in document["models"]]}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
 
-def parse_names(parser: argparse.ArgumentParser, text: str, known: Sequence[str], what: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        parser.error(f"unknown or no {what} {unknown}; known: {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of: "
                         f"{', '.join(MODEL_NAMES)}")
     parser.add_argument("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)),
@@ -748,19 +629,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated subset of the rows (default all): " + ", ".join(METHODS))
     parser.add_argument("--other-blocks-methods", metavar="A,B",
                         help="SmolLM2 rows at the blocks after the first of --blocks (default: the same as --methods)")
-    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, metavar="N",
-                        help=f"SmolLM2 evaluation windows of 256 tokens (default {DEFAULT_WINDOWS}, at most 80)")
-    parser.add_argument("--calib", type=int, default=DEFAULT_CALIBRATION, metavar="N",
-                        help=f"calibration feeds per model (default {DEFAULT_CALIBRATION})")
+    add_data_arguments(parser, DEFAULT_CALIBRATION, DEFAULT_WINDOWS)
     parser.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN_STEPS, metavar="N",
                         help=f"learn_steps of int4-learned and w4a8-learned (default {DEFAULT_LEARN_STEPS})")
     parser.add_argument("--gptq", action="store_true", help="run the ort-gptq rows (about 45 min each)")
     parser.add_argument("--no-latency", action="store_true", help="no SmolLM2 latency comparison")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
                         help=f"interleaved latency rounds (default {DEFAULT_ROUNDS})")
-    parser.add_argument("--out", "--json", dest="out", type=Path, default=DEFAULT_OUT, metavar="PATH",
-                        help="where to write the JSON (default benchmarks/results/int4.json)")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.models = parse_names(parser, args.models, MODEL_NAMES, "models")
     args.methods = parse_names(parser, args.methods, list(METHODS), "methods")
     args.other_blocks_methods = args.methods if args.other_blocks_methods is None else \
@@ -773,10 +651,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--blocks must be among {', '.join(map(str, ALLOWED_BLOCKS))}")
     if args.calib < 1 or args.windows < 1 or args.learn_steps < 1 or args.rounds < 2:
         parser.error("--calib, --windows and --learn-steps must be at least 1, --rounds at least 2")
-    return args
 
 
-def run_model(model: ModelInfo, args: argparse.Namespace, document: dict[str, Any], workdir: Path) -> None:
+def run_model(model: ModelSpec, args: argparse.Namespace, report: Report, workdir: Path) -> None:
     """Every block (blocked models) and method of one model, then SmolLM2's latency; the JSON is rewritten after
     every table."""
     methods = [METHODS[name] for name in dict.fromkeys(args.methods + args.other_blocks_methods)
@@ -784,13 +661,12 @@ def run_model(model: ModelInfo, args: argparse.Namespace, document: dict[str, An
     timing = model.name == "smollm2" and not args.no_latency
     if not methods and not timing:
         return
-    print(f"{model.name}: preparing data", file=sys.stderr, flush=True)
-    data = prepare(model, args.calib, args.windows)
-    fp32_scores = data.zoo.score(data.reference, data.reference)
-    result = ModelResult(model.name, len(data.calibration), len(data.evaluation), fp32_scores, size_mb(data.fp32))
-    document["models"].append(result)
+    data = prepare_model(model, calibration=args.calib, evaluation=args.windows if model.name in BLOCKED else None)
+    result = ModelResult.of(data, fp32_size_mb=size_mb(data.fp32))
+    fp32_scores = result.fp32_scores
+    report.document["models"].append(result)
     kept: dict[tuple[str, int], tuple[Row, Path]] = {}
-    for block in args.blocks if model.blocked else [None]:
+    for block in args.blocks if model.name in BLOCKED else [None]:
         rows = [fp32_row(data, fp32_scores, block)]
         chosen = args.methods if block is None or block == args.blocks[0] else args.other_blocks_methods
         for method in (m for m in methods if m.name in chosen):
@@ -803,64 +679,43 @@ def run_model(model: ModelInfo, args: argparse.Namespace, document: dict[str, An
         table.verdicts = smollm2_verdicts(block, rows) if block is not None else minilm_verdicts(rows)
         result.tables.append(table)
         print_table(model, result, table)
-        write_json(args.out, as_json(document))
+        report.save()
     if timing:
         result.latency = LatencyResult()
         run_latency(data, fp32_scores, args.blocks, kept, args, workdir, result.latency)
         print_latency(result.latency)
-        write_json(args.out, as_json(document))
+        report.save()
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark; prints the tables as they are done and returns the JSON document."""
-    importlib.import_module("onnxsmith.optimizer.pipeline")  # imported before any clock starts
-    from onnxsmith.optimizer.recipes import builtin_recipes
-
-    start = time.perf_counter()
-    recipes = {METHODS[name].recipe for name in args.methods if METHODS[name].recipe}
-    missing = sorted(recipe for recipe in recipes if recipe not in builtin_recipes())
-    document: dict[str, Any] = {
-        "benchmark": "int4",
-        "environment": environment(),
-        "settings": {
-            "models": args.models,
-            "blocks": args.blocks,
-            "block_options": {block: block_options(block) for block in args.blocks},
-            "methods": {name: {"model": METHODS[name].model, "label": METHODS[name].label,
-                               "recipe": METHODS[name].recipe, "options": METHODS[name].options,
-                               "learned": METHODS[name].learned, "ort": METHODS[name].ort} for name in args.methods},
-            "missing_recipes": missing,
-            "calibration_feeds": args.calib,
-            "smollm2_evaluation_windows": args.windows,
-            "learn_steps": args.learn_steps,
-            "gptq": args.gptq,
-            "latency": not args.no_latency,
-            "latency_rounds": args.rounds,
-            "latency_tokens": LATENCY_TOKENS,
-            "verdict": {"smollm2_block": TARGET_BLOCK, "smollm2_ppl_max": TARGET_PPL,
-                        "minilm_cosine_mean_min": TARGET_COSINE},
-            "earlier_anchors": {"figures": EARLIER_ANCHORS, "evaluation_windows": ANCHOR_COUNTS[0],
-                                "calibration_windows": ANCHOR_COUNTS[1]},
-        },
-        "models": [],
-        "complete": False,
+def run(args: argparse.Namespace, report: Report) -> None:
+    """The whole benchmark; prints the tables as they are done and fills the JSON document."""
+    report.document["settings"] = {
+        "models": args.models,
+        "blocks": args.blocks,
+        "block_options": {block: block_options(block) for block in args.blocks},
+        "methods": {name: {"model": METHODS[name].model, "label": METHODS[name].label,
+                           "recipe": METHODS[name].recipe, "options": METHODS[name].options,
+                           "learned": METHODS[name].learned, "ort": METHODS[name].ort} for name in args.methods},
+        "missing_recipes": missing_recipes([METHODS[name].recipe for name in args.methods]),
+        "calibration_feeds": args.calib,
+        "smollm2_evaluation_windows": args.windows,
+        "learn_steps": args.learn_steps,
+        "gptq": args.gptq,
+        "latency": not args.no_latency,
+        "latency_rounds": args.rounds,
+        "latency_tokens": LATENCY_TOKENS,
+        "verdict": {"smollm2_block": TARGET_BLOCK, "smollm2_ppl_max": TARGET_PPL,
+                    "minilm_cosine_mean_min": TARGET_COSINE},
+        "earlier_anchors": {"figures": EARLIER_ANCHORS, "evaluation_windows": ANCHOR_COUNTS[0],
+                            "calibration_windows": ANCHOR_COUNTS[1]},
     }
-    if missing:
-        print(f"warning: recipe(s) {missing} not available in this onnxsmith: their rows will be errors",
-              file=sys.stderr)
-    run_models(args.models, lambda name, workdir: run_model(MODELS[name], args, document, workdir), document,
-               lambda: write_json(args.out, as_json(document)), "int4")
-    finish(document, LEGEND, start)
-    return as_json(document)
+    report.document["models"] = []
+    run_models(report, args.models, lambda name, workdir: run_model(MODELS[name], args, report, workdir))
+    report.finish(LEGEND)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    document = run_benchmark(args)
-    write_json(args.out, document)
-    print(f"- JSON written to {args.out}")
-    return 0
-
+main = Benchmark("int4", __doc__, run, add_arguments, check_arguments,
+                 quick={"models": "minilm", "methods": "w4a16-rtn,w4a8", "calib": 4}).main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
 """MoE and KV cache: moe-tiny perplexity and routing agreement, naive W8A8 against expert-aware, ± int8 KV cache.
 
-Usage: ``python benchmarks/moe.py [--forms dense,dispatch] [--methods a,b] [--out PATH]``
+Usage: ``python benchmarks/moe.py [--forms dense,dispatch] [--methods a,b] [--out PATH] [--quick]`` (``--quick``:
+the dispatch form, rows fp32, ort-static, naive-w8a8 and moe-w8a8)
 
 Claims under test (../shared/METHODS.md, Hunyuan-Large): calibrating each expert on its routed tokens and keeping
 the router float keeps the top-1 routing and the perplexity of a MoE decoder closer to FP32 than naive W8A8
@@ -46,23 +47,22 @@ prefill, per token. The anchor row is Hunyuan-Large's ratio from its head counts
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onnxruntime.quantization import CalibrationMethod, QuantType
 
-from _harness import environment, finish, markdown_table, one_line, ort_static_qdq, write_json
+from harness import Benchmark, Report, fmt, markdown_table, one_line, optimize_model, ort_static_qdq, parse_names
 from onnxsmith.backends.onnxruntime import create_session, run_session
 from onnxsmith.models import moe_tiny
 from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
 from onnxsmith.optimizer.evaluation import Evaluation, evaluate
-from onnxsmith.optimizer.pipeline import optimize_file
 
 FORMS = {"dense": "moe-tiny-dense", "dispatch": "moe-tiny"}
 NAIVE_KV = "naive-kv.toml"
@@ -149,8 +149,8 @@ def run_row(form: str, method: str, workdir: Path) -> Row:
         else:
             spec = METHODS[method]
             recipe = str(naive_kv_recipe(workdir)) if spec.recipe == NAIVE_KV else spec.recipe
-            result = optimize_file(f"zoo:{zoo.name}", output, recipe=recipe, pass_options=spec.options,
-                                   calib=zoo.calibration_feeds(spec.windows), evaluate_model=False, progress=False)
+            result = optimize_model(f"zoo:{zoo.name}", output, recipe, zoo.calibration_feeds(spec.windows),
+                                    spec.options, verify=True)
             moe_records = [r for r in result.records if r.name == "moe-qdq"]
             if moe_records:
                 row.experts_fallback = moe_records[0].changes.get("experts_fallback")
@@ -190,37 +190,34 @@ def measured_cache_elements_per_token() -> float:
 
 
 def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return fmt(value, digits, "-")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forms", default="dense,dispatch", help="export forms: dense, dispatch")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"rows, from {list(METHODS)}")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "moe.json")
-    args = parser.parse_args(argv)
-    args.out = args.out.resolve()
-    forms = [f for f in args.forms.split(",") if f]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [f for f in forms if f not in FORMS] + [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown forms or methods: {unknown}")
-    start = time.perf_counter()
-    document: dict[str, Any] = {"environment": environment(), "rows": [], "complete": False}
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.forms = parse_names(parser, args.forms, list(FORMS), "forms")
+    args.methods = parse_names(parser, args.methods, list(METHODS), "methods")
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    document = report.document
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="onnxsmith-moe.") as tmp:
-        os.chdir(tmp)  # onnxruntime's quantizer also writes into the working directory
-        for form in forms:
-            for method in methods:
+    document["rows"] = rows
+    with tempfile.TemporaryDirectory(prefix="onnxsmith-moe.") as tmp, contextlib.chdir(tmp):
+        # onnxruntime's quantizer also writes into the working directory
+        for form in args.forms:
+            for method in args.methods:
                 row = run_row(form, method, Path(tmp))
                 rows.append(row)
                 print(f"{form:8} {method:18} {row.status:8} ppl {_fmt(row.perplexity, 3)} "
                       f"routing {_fmt(row.routing_agreement, 4)}", file=sys.stderr, flush=True)
-                document["rows"] = [asdict(r) for r in rows]
-                write_json(args.out, document)
+                report.save()
     headers = ["form", "method", "status", "perplexity", "Δ vs FP32", "top-1 agr.", "routing agr.", "logits SQNR dB",
-               "quant s",
-               "fallback experts", "min expert tokens"]
+               "quant s", "fallback experts", "min expert tokens"]
     table = [[r.form, r.method, r.status, _fmt(r.perplexity, 3),
               _fmt(None if r.perplexity is None else r.perplexity - r.perplexity_fp, 3),
               _fmt(r.top1_agreement, 4), _fmt(r.routing_agreement, 4), _fmt(r.logits_sqnr_db, 1),
@@ -235,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                          [[r["config"], str(r.get("elements_per_token", "-")), str(r.get("bytes_per_token", "-")),
                            f"{r['fraction_of_mha']:.4f} (1/{1 / r['fraction_of_mha']:.0f})",
                            str(r.get("measured_elements_per_token", "-"))] for r in kv]))
-    finish(document, "perplexity: next-byte, 32 x 128 pydoc bytes; agreements vs FP32 on the same windows", start)
-    write_json(args.out, document)
-    return 0
+    report.finish("perplexity: next-byte, 32 x 128 pydoc bytes; agreements vs FP32 on the same windows")
 
+
+main = Benchmark("moe", __doc__, run, add_arguments, check_arguments,
+                 quick={"forms": "dispatch", "methods": "fp32,ort-static,naive-w8a8,moe-w8a8"}).main
 
 if __name__ == "__main__":
     sys.exit(main())

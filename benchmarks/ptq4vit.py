@@ -1,7 +1,7 @@
 """PTQ4ViT ablation: onnxruntime's static quantizer and onnxsmith's PTQ methods at W8A8, W6A6 and W4A8.
 
 Usage: ``python benchmarks/ptq4vit.py [--models a,b] [--bits W,A ...] [--methods a,b] [--skip-latency]
-[--json PATH]``
+[--json PATH] [--quick]`` (``--quick``: vit-digits at W8A8, no latency)
 
 For each zoo model (``vit-digits``, ``minilm``), each bit setting (weight bits, activation bits) and each method,
 the cached FP32 model (``zoo_model_path(name)``, copied into a temporary folder) is quantized in this process with
@@ -34,210 +34,64 @@ The quantization time is the wall time of the quantization call alone (imports a
 Latency (skipped with ``--skip-latency``) compares FP32, ``onnxsmith-w8a8``, ``ptq4vit`` and
 ``ptq4vit-dual-gemm`` at W8A8 on onnxruntime CPU, all graph optimizations on, one session configuration: the
 models run interleaved round by round and the ratio is the median of per-round model / FP32 times
-(``_harness.interleaved_latency_ms``). Inputs: 32 test images for vit-digits; batch 1 x 64 and 32 x 64 tokens of
-pydoc prose for MiniLM (``w8a8_minilm.latency_feeds``).
+(``harness.interleaved_latency``). Inputs: 32 test images for vit-digits; batch 1 x 64 and 32 x 64 tokens of
+pydoc prose for MiniLM (``harness.minilm_latency_feeds``, as ``w8a8_minilm.py``).
 
-Results go to stdout (markdown tables) and to ``--json`` (default ``benchmarks/results/ptq4vit.json``).
+Results go to stdout (markdown tables) and to ``--json`` / ``--out`` (default ``benchmarks/results/ptq4vit.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
+import harness
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.quantization import CalibrationMethod, QuantType
-
-from _harness import (
-    Feed,
-    cpu_session,
-    environment,
-    interleaved_latency_ms,
+from harness import (
+    MODEL_SPECS,
+    ORT_ACTIVATION_TYPES,
+    ORT_CALIBRATORS,
+    ORT_WEIGHT_TYPES,
+    Attempt,
+    Benchmark,
+    Bits,
+    ModelData,
+    ModelSpec,
+    NotApplicable,
+    Quantizer,
+    Report,
+    Variant,
+    bits_label,
+    fmt,
+    interleaved_latency,
     markdown_table,
-    one_line,
+    note_of,
+    onnxsmith_variant,
     ort_static_qdq,
-    paired_ratios,
-    write_json,
+    parse_names,
+    prepare_model,
+    run_in_folder,
 )
-
-if TYPE_CHECKING:
-    from onnxsmith.models.base import ZooModel
-    from onnxsmith.models.minilm import MiniLM
-
-Bits = tuple[int, int]
-"""(weight bits, activation bits)."""
-Outputs = dict[str, np.ndarray]
+from onnxruntime.quantization import CalibrationMethod, QuantType
 
 BIT_SETTINGS: tuple[Bits, ...] = ((8, 8), (6, 6), (4, 8))
 W8A8: Bits = (8, 8)
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "ptq4vit.json"
-VIT_LATENCY_IMAGES = 32
-VIT_LATENCY_ROUNDS = 200
-MINILM_LATENCY_ROUNDS = {1: 100, 32: 15}
-"""Interleaved timing rounds per MiniLM batch size (each round runs every model once)."""
 LATENCY_METHODS = ("onnxsmith-w8a8", "ptq4vit", "ptq4vit-dual-gemm")
 """Methods whose W8A8 models are timed against FP32."""
 FORM_CHECK = ("ptq4vit", "ptq4vit-dual-gemm")
 """Two graph forms of one quantization: their figures must be equal."""
 FORM_TOLERANCE = 1e-4
 """Largest figure difference (absolute) still counted as equal fidelity for :data:`FORM_CHECK`."""
-
-
-def bits_label(bits: Bits) -> str:
-    """``(4, 8)`` -> ``'W4A8'``."""
-    return f"W{bits[0]}A{bits[1]}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models and their data
-
-
-class LatencyCase(NamedTuple):
-    """One latency input and how many interleaved rounds to time it."""
-
-    feed: Feed
-    rounds: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How one zoo model is benchmarked.
-
-    ``metrics`` are ``(score key, table header)`` pairs, the main figure first: the best onnxruntime calibrator
-    is the one with the largest figures compared in this order. ``ort_calibration`` gives onnxruntime's version
-    of the calibration feeds (the same samples); ``latency`` the timed inputs by name. Both take the zoo model
-    named ``name``.
-    """
-
-    name: str
-    calibration_count: int
-    ort_op_types: tuple[str, ...]
-    metrics: tuple[tuple[str, str], ...]
-    ort_calibration: Callable[[Any, list[Feed]], list[Feed]]
-    latency: Callable[[Any], dict[str, LatencyCase]]
-
-
-def same_feeds(zoo: ZooModel, feeds: list[Feed]) -> list[Feed]:
-    """onnxruntime calibrates on the feeds as they are (fixed shapes)."""
-    return feeds
-
-
-def padded_sentences(zoo: MiniLM, feeds: list[Feed]) -> list[Feed]:
-    """MiniLM's calibration sentences padded to the longest one, one per feed, ``attention_mask`` 0 on padding."""
-    batch = zoo.encode(zoo.calibration_sentences(len(feeds)))
-    return [{name: array[i : i + 1] for name, array in batch.items()} for i in range(len(feeds))]
-
-
-def vit_latency(zoo: ZooModel) -> dict[str, LatencyCase]:
-    """The first :data:`VIT_LATENCY_IMAGES` test images as one batch."""
-    images = np.concatenate([feed["pixels"] for feed in zoo.evaluation_feeds()])[:VIT_LATENCY_IMAGES]
-    return {f"batch{VIT_LATENCY_IMAGES}": LatencyCase({"pixels": images}, VIT_LATENCY_ROUNDS)}
-
-
-def minilm_latency(zoo: MiniLM) -> dict[str, LatencyCase]:
-    """``w8a8_minilm``'s latency inputs: batch 1 and 32 rows of exactly 64 tokens of pydoc prose."""
-    from w8a8_minilm import LATENCY_TOKENS, latency_feeds
-
-    return {f"batch{size}x{LATENCY_TOKENS}": LatencyCase(feed, MINILM_LATENCY_ROUNDS[size])
-            for size, feed in latency_feeds(zoo).items()}
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec("vit-digits", 4, ("Conv", "Gemm", "MatMul"), (("top1_agreement", "agree"), ("accuracy", "acc")),
-                  same_feeds, vit_latency),
-        ModelSpec("minilm", 32, ("MatMul",), (("cosine_mean", "cos mean"), ("cosine_min", "cos min")),
-                  padded_sentences, minilm_latency),
-    ]
-}
-
-
-@dataclass(frozen=True)
-class ModelData:
-    """One model's FP32 file (in the working folder), its feeds and its FP32 reference outputs."""
-
-    spec: ModelSpec
-    zoo: ZooModel
-    fp32: Path
-    calibration: list[Feed]
-    ort_calibration: list[Feed]
-    evaluation: list[Feed]
-    reference: list[Outputs]
-
-    def outputs(self, path: Path, optimized: bool = True) -> list[Outputs]:
-        """The model at ``path`` on every evaluation feed, reduced as the zoo model's ``score`` expects.
-
-        ``optimized``: in :func:`cpu_session` (as deployed), else with onnxruntime's graph optimizations off
-        (the graph's own semantics, no fused kernels).
-        """
-        session = cpu_session(path) if optimized else unoptimized_session(path)
-        return evaluation_outputs(self.zoo, session, self.evaluation)
-
-    def score(self, path: Path) -> dict[str, float]:
-        """The zoo model's ``score`` of the model at ``path`` against FP32."""
-        return self.zoo.score(self.reference, self.outputs(path))
-
-    def rank(self, scores: dict[str, float]) -> tuple[float, ...]:
-        """The figures that order methods, main figure first (larger is better)."""
-        return tuple(scores[key] for key, _ in self.spec.metrics)
-
-
-def evaluation_outputs(zoo: ZooModel, session: ort.InferenceSession, feeds: list[Feed]) -> list[Outputs]:
-    """``session`` on every evaluation feed, each result reduced by ``zoo.reduce_outputs``."""
-    names = [output.name for output in session.get_outputs()]
-    return [zoo.reduce_outputs(index, dict(zip(names, session.run(None, feed)))) for index, feed in enumerate(feeds)]
-
-
-def unoptimized_session(path: Path) -> ort.InferenceSession:
-    """A CPU session that runs the graph as written: all graph optimizations off."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def prepare_model(spec: ModelSpec, workdir: Path) -> ModelData:
-    """Copy the cached FP32 model into ``workdir`` (onnxruntime writes files beside it) and build its feeds."""
-    from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
-
-    zoo = get_zoo_model(spec.name)
-    fp32 = workdir / "fp32.onnx"
-    shutil.copyfile(zoo_model_path(spec.name), fp32)
-    calibration = zoo.calibration_feeds(spec.calibration_count)
-    evaluation = zoo.evaluation_feeds()
-    return ModelData(spec, zoo, fp32, calibration, spec.ort_calibration(zoo, calibration), evaluation,
-                     evaluation_outputs(zoo, cpu_session(fp32), evaluation))
+MODELS: dict[str, ModelSpec] = {name: MODEL_SPECS[name] for name in ("vit-digits", "minilm")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Methods
-
-Quantizer = Callable[[ModelData, Path], None]
-"""``quantize(model_data, output)``: writes the quantized model of ``model_data.fp32`` to ``output``."""
-
-
-class NotApplicable(Exception):
-    """A method has no form at a bit setting; the message says why."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One quantization call of a method: a label, its settings (kept in the JSON) and the call."""
-
-    label: str
-    settings: dict[str, Any]
-    quantize: Quantizer
 
 
 @dataclass(frozen=True)
@@ -248,15 +102,6 @@ class Method:
     name: str
     description: str
     variants: Callable[[Bits], list[Variant]]
-
-
-ORT_CALIBRATORS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
-ORT_WEIGHT_TYPES = {8: QuantType.QInt8, 4: QuantType.QInt4}
-ORT_ACTIVATION_TYPES = {8: QuantType.QUInt8}
 
 
 def ort_static(calibrator: CalibrationMethod, weight_type: QuantType) -> Quantizer:
@@ -270,7 +115,7 @@ def ort_static(calibrator: CalibrationMethod, weight_type: QuantType) -> Quantiz
 
 
 def ort_variants(bits: Bits) -> list[Variant]:
-    """One ``quantize_static`` call per calibrator in :data:`ORT_CALIBRATORS`."""
+    """One ``quantize_static`` call per calibrator in ``ORT_CALIBRATORS``."""
     weight_bits, activation_bits = bits
     for kind, count, types in (("weight", weight_bits, ORT_WEIGHT_TYPES),
                                ("activation", activation_bits, ORT_ACTIVATION_TYPES)):
@@ -282,20 +127,9 @@ def ort_variants(bits: Bits) -> list[Variant]:
             for label, calibrator in ORT_CALIBRATORS.items()]
 
 
-def onnxsmith_quantizer(recipe: str, pass_options: dict[str, Any]) -> Quantizer:
-    """onnxsmith's ``optimize_file`` with ``recipe`` and ``pass_options``; no verification, no evaluation."""
-
-    def quantize(data: ModelData, output: Path) -> None:
-        from onnxsmith.optimizer.pipeline import optimize_file
-
-        optimize_file(str(data.fp32), output, recipe=recipe, calib=data.calibration, pass_options=pass_options,
-                      verify=False, evaluate_model=False, progress=False)
-
-    return quantize
-
-
 def onnxsmith_variants(recipe: str, only: Bits | None = None, **options: Any) -> Callable[[Bits], list[Variant]]:
-    """One onnxsmith call with ``wbits``/``abits`` set from the bit setting plus ``options``.
+    """One onnxsmith call with ``wbits``/``abits`` set from the bit setting plus ``options`` (``ptq-qdq``'s own
+    options; the alias names ``twin`` and ``twin_form`` too).
 
     ``only`` restricts the method to one setting (the other settings are not applicable).
     """
@@ -303,9 +137,10 @@ def onnxsmith_variants(recipe: str, only: Bits | None = None, **options: Any) ->
     def variants(bits: Bits) -> list[Variant]:
         if only is not None and bits != only:
             raise NotApplicable(f"{bits_label(only)} only")
-        pass_options = {"wbits": bits[0], "abits": bits[1], **options}
-        return [Variant(recipe, {"recipe": recipe, "pass_options": pass_options},
-                        onnxsmith_quantizer(recipe, pass_options))]
+        pass_options: dict[str, Any] = {"wbits": bits[0], "abits": bits[1]}
+        if options:
+            pass_options["ptq-qdq"] = dict(options)
+        return [onnxsmith_variant(recipe, pass_options)]
 
     return variants
 
@@ -314,9 +149,7 @@ def onnxsmith_w8a8_variants(bits: Bits) -> list[Variant]:
     """The ``w8a8`` recipe with the ``minmax`` calibrator; 8-bit only."""
     if bits != W8A8:
         raise NotApplicable("the w8a8 recipe is 8-bit only")
-    pass_options = {"calibrator": "minmax"}
-    return [Variant("w8a8", {"recipe": "w8a8", "pass_options": pass_options},
-                    onnxsmith_quantizer("w8a8", pass_options))]
+    return [onnxsmith_variant("w8a8", {"calibrator": "minmax"})]
 
 
 METHODS: dict[str, Method] = {
@@ -346,18 +179,6 @@ METHODS: dict[str, Method] = {
 
 
 @dataclass
-class Attempt:
-    """One variant's run: ``status`` ``ok`` or ``error`` (``note`` holds the error's first line)."""
-
-    label: str
-    settings: dict[str, Any]
-    status: str = "ok"
-    note: str = ""
-    seconds: float | None = None
-    scores: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class Row:
     """One (model, bits, method) result: ``status`` ``ok``, ``n/a`` or ``error``.
 
@@ -376,24 +197,6 @@ class Row:
     attempts: list[Attempt] = field(default_factory=list)
 
 
-def run_variant(variant: Variant, data: ModelData, output: Path, workdir: Path) -> Attempt:
-    """Quantize with ``variant`` in ``workdir`` (the working directory for the call) and score the model.
-
-    Never raises: a failure is an ``error`` attempt. The quantized model stays at ``output`` when it exists.
-    What the quantizer prints (onnxruntime's calibrators do) goes to stderr, keeping stdout for the report.
-    """
-    attempt = Attempt(variant.label, variant.settings)
-    try:
-        with contextlib.chdir(workdir), contextlib.redirect_stdout(sys.stderr):
-            start = time.perf_counter()
-            variant.quantize(data, output)
-            attempt.seconds = time.perf_counter() - start
-        attempt.scores = data.score(output)
-    except Exception as exc:  # noqa: BLE001 - one broken method must not stop the comparison
-        attempt.status, attempt.note = "error", one_line(exc)
-    return attempt
-
-
 def measure(method: Method, bits: Bits, data: ModelData, workdir: Path) -> tuple[Row, Path | None]:
     """Run every variant of ``method`` at ``bits`` and keep the best; returns the row and the best model's file.
 
@@ -408,11 +211,9 @@ def measure(method: Method, bits: Bits, data: ModelData, workdir: Path) -> tuple
     outputs: dict[str, Path] = {}
     for variant in variants:
         print(f"  {row.model} {row.bits} {method.name} {variant.label}", file=sys.stderr, flush=True)
-        rundir = workdir / f"run-{row.bits}-{method.name}-{variant.label}"
-        rundir.mkdir()
-        outputs[variant.label] = workdir / f"{row.bits}-{method.name}-{variant.label}.onnx"
-        row.attempts.append(run_variant(variant, data, outputs[variant.label], rundir))
-        shutil.rmtree(rundir, ignore_errors=True)
+        attempt, outputs[variant.label] = run_in_folder(variant, data, workdir,
+                                                        f"{row.bits}-{method.name}-{variant.label}")
+        row.attempts.append(attempt)
     choose_best(row, data)
     for label, path in outputs.items():
         if label != row.best:
@@ -442,7 +243,7 @@ def check_forms(rows: dict[str, Row], models: dict[str, Path], data: ModelData) 
     """Compare the two :data:`FORM_CHECK` models of one quantization and note the verdict on the second's row.
 
     The verdict is on the figures (equal when no figure differs by more than :data:`FORM_TOLERANCE`). Also
-    reported: the largest output difference on the evaluation feeds as deployed (:func:`cpu_session`) and with
+    reported: the largest output difference on the evaluation feeds as deployed (``cpu_session``) and with
     graph optimizations off, where only the graph forms differ (float summation order can still flip a rounding
     in a later quantizer). Returns ``None`` when either model is missing.
     """
@@ -463,29 +264,8 @@ def check_forms(rows: dict[str, Row], models: dict[str, Path], data: ModelData) 
             "max_abs_output_diff": max_diff}
 
 
-def measure_latency(models: dict[str, Path], cases: dict[str, LatencyCase]) -> dict[str, dict[str, Any]]:
-    """Interleaved latency of every model (``fp32`` first) per case.
-
-    Returns ``{case: {model: {"ms": median, "ratio": median per-round ratio to fp32, "ratio_quartiles": [q1,
-    q3]}}}``.
-    """
-    sessions = {name: cpu_session(path) for name, path in models.items()}
-    results: dict[str, dict[str, Any]] = {}
-    for case, (feed, rounds) in cases.items():
-        print(f"  latency {case}: {rounds} interleaved rounds of {len(sessions)} models", file=sys.stderr,
-              flush=True)
-        times = interleaved_latency_ms(sessions, feed, rounds)
-        results[case] = {}
-        for name, model_times in times.items():
-            ratios = paired_ratios(model_times, times["fp32"])
-            quartiles = statistics.quantiles(ratios, n=4)
-            results[case][name] = {"ms": statistics.median(model_times), "ratio": statistics.median(ratios),
-                                   "ratio_quartiles": [quartiles[0], quartiles[2]]}
-    return results
-
-
 @dataclass
-class ModelResult:
+class ModelResult(harness.ModelResult):
     """Everything measured on one model.
 
     ``latency`` is ``{input: {model: {"ms": median, "ratio": median per-round ratio to fp32, "ratio_quartiles":
@@ -493,11 +273,7 @@ class ModelResult:
     :func:`check_forms`'s result.
     """
 
-    model: str
-    calibration_feeds: int
     ort_calibration_feeds: int
-    evaluation_feeds: int
-    fp32_scores: dict[str, float]
     rows: list[Row]
     form_check: dict[str, Any] | None
     latency: dict[str, dict[str, Any]]
@@ -506,7 +282,6 @@ class ModelResult:
 def run_model(spec: ModelSpec, bits_settings: Sequence[Bits], methods: Sequence[Method], latency: bool,
               workdir: Path) -> ModelResult:
     """Every method at every bit setting on one model, then the form check and the latency comparison."""
-    print(f"{spec.name}: preparing data", file=sys.stderr, flush=True)
     data = prepare_model(spec, workdir)
     rows: list[Row] = []
     w8a8_rows: dict[str, Row] = {}
@@ -523,39 +298,31 @@ def run_model(spec: ModelSpec, bits_settings: Sequence[Bits], methods: Sequence[
                 path.unlink()
     form_check = check_forms(w8a8_rows, kept, data)
     timed = latency and len(kept) > 1
-    return ModelResult(spec.name, len(data.calibration), len(data.ort_calibration), len(data.evaluation),
-                       data.zoo.score(data.reference, data.reference), rows, form_check,
-                       measure_latency(kept, spec.latency(data.zoo)) if timed else {})
+    return ModelResult.of(data, ort_calibration_feeds=len(data.ort_calibration), rows=rows, form_check=form_check,
+                          latency=interleaved_latency(kept, spec.latency(data.zoo)) if timed else {})
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def results_table(spec: ModelSpec, rows: Sequence[Row]) -> str:
     """One model's rows: bits, method, its figures, quantization seconds and notes."""
     headers = ["model", "bits", "method", *(header for _, header in spec.metrics), "quant s", "notes"]
-    lines = []
-    for row in rows:
-        figures = [_fmt(row.scores.get(key), 4) for key, _ in spec.metrics]
-        note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
-        lines.append([row.model, row.bits, row.method, *figures, _fmt(row.seconds, 1), note.replace("|", r"\|")])
+    lines = [[row.model, row.bits, row.method, *(fmt(row.scores.get(key), 4) for key, _ in spec.metrics),
+              fmt(row.seconds, 1), note_of(row.status, row.note)] for row in rows]
     return markdown_table(headers, lines)
 
 
 def latency_table(results: Sequence[ModelResult]) -> str:
     """Median latency (ms) and median ratio to FP32 of every timed model, per model and input."""
-    lines = [[result.model, case, name, _fmt(timing["ms"], 2), _fmt(timing["ratio"], 2)]
+    lines = [[result.model, case, name, fmt(timing["ms"], 2), fmt(timing["ratio"], 2)]
              for result in results for case, timings in result.latency.items()
              for name, timing in timings.items()]
     return markdown_table(["model", "input", "method (W8A8)", "ms", "×FP32"], lines)
 
 
-def print_report(results: Sequence[ModelResult], methods: Sequence[Method], seconds: float) -> None:
+def print_report(results: Sequence[ModelResult], methods: Sequence[Method]) -> None:
     """The markdown tables and the lines under them."""
     for result in results:
         print(results_table(MODELS[result.model], result.rows))
@@ -566,7 +333,6 @@ def print_report(results: Sequence[ModelResult], methods: Sequence[Method], seco
         print("\n- ×FP32: median of per-round model/FP32 times, models interleaved; ms: median, this run only\n")
     for method in methods:
         print(f"- {method.name}: {method.description}")
-    print(f"- total run time {seconds:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,62 +351,37 @@ def parse_bits(text: str) -> Bits:
     return bits  # type: ignore[return-value]
 
 
-def parse_names(parser: argparse.ArgumentParser, text: str | None, known: Sequence[str], what: str) -> list[str]:
-    """A comma-separated subset of ``known`` (all when ``text`` is empty), in the given order."""
-    names = text.split(",") if text else list(known)
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        parser.error(f"unknown {what} {unknown}; known: {', '.join(known)}")
-    return names
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
     parser.add_argument("--bits", nargs="+", type=parse_bits, metavar="W,A",
                         help="bit settings to run, e.g. '--bits 8,8 4,8' (default: 8,8 6,6 4,8)")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--skip-latency", action="store_true", help="no latency comparison")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH", help="where to write the JSON")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.models = parse_names(parser, args.models, list(MODELS), "models")
     args.methods = parse_names(parser, args.methods, list(METHODS), "methods")
     args.bits = args.bits or list(BIT_SETTINGS)
-    return args
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole comparison; prints the tables and returns the JSON document."""
-    import onnxsmith.optimizer.pipeline  # noqa: F401 - imported before any clock starts
-
-    start = time.perf_counter()
+def run(args: argparse.Namespace, report: Report) -> None:
+    """The whole comparison; prints the tables and fills the JSON document."""
     methods = [METHODS[name] for name in args.methods]
-    results = []
+    report.document["settings"] = {
+        "bits": [bits_label(bits) for bits in args.bits],
+        "methods": {method.name: method.description for method in methods},
+        "latency_methods": list(LATENCY_METHODS),
+    }
+    results = report.document["models"] = []
     for name in args.models:
         with tempfile.TemporaryDirectory(prefix=f"ptq4vit.{name}.") as tmp:
             results.append(run_model(MODELS[name], args.bits, methods, not args.skip_latency, Path(tmp)))
-    seconds = time.perf_counter() - start
-    print_report(results, methods, seconds)
-    return {
-        "benchmark": "ptq4vit",
-        "environment": environment(),
-        "settings": {
-            "bits": [bits_label(bits) for bits in args.bits],
-            "methods": {method.name: method.description for method in methods},
-            "latency_methods": list(LATENCY_METHODS),
-        },
-        "models": [asdict(result) for result in results],
-        "total_seconds": seconds,
-    }
+    print_report(results, methods)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    document = run_benchmark(args)
-    write_json(args.json, document)
-    print(f"- JSON written to {args.json}")
-    return 0
-
+main = Benchmark("ptq4vit", __doc__, run, add_arguments, check_arguments,
+                 quick={"models": "vit-digits", "bits": [W8A8], "skip_latency": True}).main
 
 if __name__ == "__main__":
     sys.exit(main())

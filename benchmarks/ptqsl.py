@@ -1,7 +1,8 @@
 """PTQ-SL granularity sweep: sub-layer weight grids with and without channel reordering against per-channel.
 
 Usage: ``python benchmarks/ptqsl.py [--models a,b] [--bits w4a8,w6a8] [--grids g1,g2,...] [--set MODEL:KEY=VALUE,...]
-[--reorder off,on|off|on] [--skip-invariant] [--skip-anchors] [--out PATH]``
+[--reorder off,on|off|on] [--skip-invariant] [--skip-anchors] [--out PATH] [--quick]`` (``--quick``: vit-digits,
+W4A8, per-channel and 16x1, no invariant runs)
 
 Claim under test (PTQ-SL): a sub-layer weight grid (one step per block of output x input channels) with
 function-preserving channel reordering reaches the fidelity of per-channel quantization, or better, with fewer
@@ -12,7 +13,7 @@ folder) is quantized twice in this process, with the same calibration feeds and 
 - reorder ON: recipe ``ptq-sl`` (cleanup + ``reorder-channels`` + ``ptq-qdq``, same ``ptq-qdq`` defaults).
 
 Both get ``wbits``, ``abits`` (``weight_only=True`` for ``a16``: float activations), ``weight_grid`` and the
-model's search settings as pass options. Grids are ``per-tensor``, ``per-channel`` or ``NVxNH`` (``NV``
+model's search settings (``ptq-qdq``'s options) as pass options. Grids are ``per-tensor``, ``per-channel`` or ``NVxNH`` (``NV``
 output-channel blocks x ``NH`` input-channel blocks of ``ceil(D / n)`` channels). Reordering is lossless and
 per-tensor / per-channel grids do not see channel order, so their reorder-ON figures must equal reorder-OFF up to
 float noise: a sanity column (``--skip-invariant`` skips them).
@@ -31,7 +32,7 @@ Per model (``MODELS``; the settings are overridable with ``--set``):
   ``node_linear_210``, so a name pattern such as ``lm_head`` would not match it).
 
 Anchors measured in the same run (``--skip-anchors`` skips them): onnxruntime ``quantize_static`` (QDQ, MinMax,
-QUInt8 activations, no Q/DQ on MatMul outputs, ``_harness.ort_static_qdq``) with per-channel and per-tensor
+QUInt8 activations, no Q/DQ on MatMul outputs, ``harness.ort_static_qdq``) with per-channel and per-tensor
 weights (QInt4 at W4; onnxruntime has no 6-bit type, so at W6 they are ``n/a`` rows) on vit-digits and MiniLM;
 on SmolLM2 onnxruntime's ``MatMulNBitsQuantizer`` (round to nearest, symmetric, block 64 along K: weight-only
 INT4, activations stay float) and ``quantize_static`` per-channel W4A8.
@@ -50,11 +51,8 @@ and to ``--out`` (default ``benchmarks/results/ptqsl.json``, rewritten after eve
 from __future__ import annotations
 
 import argparse
-import logging
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,29 +61,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import harness
 import onnx
-from onnxruntime.quantization import CalibrationMethod, QuantFormat
-
-from _harness import cpu_session, environment, markdown_table, ort_static_qdq, write_json
-from ptq4vit import (
-    MODELS as PTQ4VIT_MODELS,
+from harness import (
+    MODEL_SPECS,
     ORT_ACTIVATION_TYPES,
     ORT_WEIGHT_TYPES,
+    Benchmark,
     Bits,
     ModelData,
     ModelSpec,
     NotApplicable,
+    Report,
+    ScoredRow,
     Variant,
     bits_label,
-    evaluation_outputs,
-    run_variant,
-    same_feeds,
+    fmt,
+    log_result,
+    joined,
+    markdown_table,
+    missing_recipes,
+    note_of,
+    onnxsmith_variant,
+    ort_matmul_nbits,
+    ort_static_qdq,
+    parse_names,
+    prepare_model,
+    run_in_folder,
+    run_models,
 )
+
+from onnxruntime.quantization import CalibrationMethod
 
 if TYPE_CHECKING:
     from onnxsmith.optimizer.manager import PassRecord
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ptqsl.json"
 DEFAULT_BITS = ("w4a8", "w6a8")
 DEFAULT_GRIDS = ("per-tensor", "16x1", "64x1", "32x4", "per-channel")
 PER_TENSOR, PER_CHANNEL = "per-tensor", "per-channel"
@@ -108,8 +118,8 @@ class Settings:
     """One model's data and search settings.
 
     ``calibration`` / ``evaluation``: how many calibration / evaluation feeds (``evaluation`` None: all).
-    ``rounds``, ``n``, ``samples``, ``metric``, ``exclude_regex`` go to both recipes as pass options (``n`` and
-    ``metric`` None: the recipe's default), ``strategy`` (channel-reordering strategy) to ``ptq-sl`` only.
+    ``rounds``, ``n``, ``samples``, ``metric``, ``exclude_regex`` go to both recipes as ``ptq-qdq`` options (``n``
+    and ``metric`` None: the recipe's default), ``strategy`` (channel-reordering strategy) to ``ptq-sl`` only.
     ``float_head``: keep the MatMul / Gemm nodes that write a graph output float. The nodes kept float
     (:func:`float_nodes`) reach onnxsmith as exact-name ``exclude_regex`` patterns (beside the given ones) and
     onnxruntime as ``nodes_to_exclude``.
@@ -127,9 +137,10 @@ class Settings:
     bits: tuple[str, ...] | None = None
     """This model's bit settings (None: ``--bits``)."""
 
-    def pass_options(self, kept_float: Sequence[str]) -> dict[str, Any]:
-        """The search settings as pass options of both recipes (``strategy`` is not among them: only ``ptq-sl``
-        takes it); ``kept_float`` join ``exclude_regex`` as exact-name patterns."""
+    def search_options(self, kept_float: Sequence[str]) -> dict[str, Any]:
+        """The search settings as ``ptq-qdq`` options, the same in both recipes (``strategy`` is not among them:
+        only ``ptq-sl``'s ``reorder-channels`` takes it); ``kept_float`` join ``exclude_regex`` as exact-name
+        patterns."""
         options: dict[str, Any] = {"rounds": self.rounds, "samples": self.samples}
         if self.n is not None:
             options["n"] = self.n
@@ -169,58 +180,33 @@ joins settings with ``+``, e.g. ``smollm2:bits=w4a16+w6a16``)."""
 
 @dataclass(frozen=True)
 class SweepModel:
-    """A zoo model in the sweep: ``ptq4vit``'s :class:`ModelSpec` (figures, main first; onnxruntime op types and
-    calibration feeds), default :class:`Settings`, whether the main figure is better when lower, the anchors (names
-    in :data:`ANCHORS`) and lines for the table notes."""
+    """A zoo model in the sweep: its :class:`ModelSpec` (figures, main first and their direction; onnxruntime op
+    types and calibration feeds), default :class:`Settings`, the anchors (names in :data:`ANCHORS`) and lines for
+    the table notes."""
 
     spec: ModelSpec
     settings: Settings
-    lower_is_better: bool
     anchors: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
 
-def no_latency(zoo: Any) -> dict:
-    """No latency inputs (this sweep times no inference)."""
-    return {}
-
-
-SMOLLM2_SPEC = ModelSpec("smollm2", 4, ("MatMul",), (("perplexity", "ppl"), ("top1_agreement", "top1")),
-                         same_feeds, no_latency)
-
 MODELS: dict[str, SweepModel] = {
-    "vit-digits": SweepModel(PTQ4VIT_MODELS["vit-digits"],
+    "vit-digits": SweepModel(MODEL_SPECS["vit-digits"],
                              Settings(calibration=4, evaluation=None, rounds=3, n=100, samples=32, metric="cosine"),
-                             False, ("ort-static-per-channel", "ort-static-per-tensor")),
-    "minilm": SweepModel(PTQ4VIT_MODELS["minilm"],
+                             ("ort-static-per-channel", "ort-static-per-tensor")),
+    "minilm": SweepModel(MODEL_SPECS["minilm"],
                          Settings(calibration=32, evaluation=None, rounds=1, n=50, samples=8, metric="cosine"),
-                         False, ("ort-static-per-channel", "ort-static-per-tensor")),
-    "smollm2": SweepModel(SMOLLM2_SPEC, Settings(calibration=4, evaluation=20, rounds=0, samples=4, float_head=True,
-                                                       bits=("w4a8", "w4a16", "w6a16")),
-                          True, ("ort-matmulnbits-rtn", "ort-static-per-channel"),
+                         ("ort-static-per-channel", "ort-static-per-tensor")),
+    "smollm2": SweepModel(MODEL_SPECS["smollm2"],
+                          Settings(calibration=4, evaluation=20, rounds=0, samples=4, float_head=True,
+                                   bits=("w4a8", "w4a16", "w6a16")),
+                          ("ort-matmulnbits-rtn", "ort-static-per-channel"),
                           ("the LM head (node_linear_210) is the tied 49152x576 embedding matrix",)),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def prepare(model: SweepModel, settings: Settings, workdir: Path) -> ModelData:
-    """Copy the cached FP32 model into ``workdir`` and build its feeds and FP32 reference outputs.
-
-    As ``ptq4vit.prepare_model``, with the calibration and evaluation counts of ``settings``.
-    """
-    from onnxsmith.models.zoo import get_zoo_model, zoo_model_path
-
-    spec = replace(model.spec, calibration_count=settings.calibration)
-    zoo = get_zoo_model(spec.name)
-    fp32 = workdir / "fp32.onnx"
-    shutil.copyfile(zoo_model_path(spec.name), fp32)
-    feeds = zoo.calibration_feeds(settings.calibration)
-    evaluation = zoo.evaluation_feeds(settings.evaluation)
-    reference = evaluation_outputs(zoo, cpu_session(fp32), evaluation)
-    return ModelData(spec, zoo, fp32, feeds, spec.ort_calibration(zoo, feeds), evaluation, reference)
 
 
 def float_nodes(path: Path, settings: Settings) -> list[str]:
@@ -258,20 +244,6 @@ def stored_weight_scales(path: Path) -> int:
 # Quantizers
 
 
-def onnxsmith_variant(recipe: str, pass_options: dict[str, Any], records: list[PassRecord]) -> Variant:
-    """``optimize_file`` with ``recipe`` and ``pass_options`` (no verification, no evaluation); the pass records
-    are appended to ``records``."""
-
-    def quantize(data: ModelData, output: Path) -> None:
-        from onnxsmith.optimizer.pipeline import optimize_file
-
-        result = optimize_file(str(data.fp32), output, recipe=recipe, calib=data.calibration,
-                               pass_options=pass_options, verify=False, evaluate_model=False, progress=False)
-        records.extend(result.records)
-
-    return Variant(recipe, {"recipe": recipe, "pass_options": pass_options}, quantize)
-
-
 def ort_static_anchor(per_channel: bool) -> Callable[[Bits, Sequence[str]], Variant]:
     """onnxruntime ``quantize_static``, MinMax, per-channel or per-tensor weights (QInt4 at W4, QInt8 at W8)."""
 
@@ -295,23 +267,13 @@ def ort_static_anchor(per_channel: bool) -> Callable[[Bits, Sequence[str]], Vari
 
 def matmul_nbits_anchor(bits: Bits, kept_float: Sequence[str]) -> Variant:
     """onnxruntime ``MatMulNBitsQuantizer``, its default algorithm (round to nearest), symmetric, block
-    :data:`NBITS_BLOCK` along K, QOperator form (``MatMulNBits``); weight-only, so only ``wbits`` applies.
-
-    ``RTNWeightOnlyQuantConfig`` is not used: onnxruntime runs it through neural-compressor, which is not installed.
-    """
+    :data:`NBITS_BLOCK` along K, QOperator form (``MatMulNBits``; ``harness.ort_matmul_nbits``); weight-only, so
+    only ``wbits`` applies."""
     if bits[0] != 4:
         raise NotApplicable(f"the INT4 anchor (MatMulNBits has 2-, 4- and 8-bit weights, no {bits[0]}-bit)")
 
     def quantize(data: ModelData, output: Path) -> None:
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-        logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # it logs every node at INFO
-        config = DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True, bits=4,
-                                              quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(data.fp32)), nodes_to_exclude=list(kept_float),
-                                         algo_config=config)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
+        ort_matmul_nbits(data.fp32, output, "rtn", NBITS_BLOCK, nodes_to_exclude=kept_float)
 
     return Variant("rtn", {"algorithm": "DEFAULT (round to nearest)", "bits": 4, "block_size": NBITS_BLOCK,
                            "is_symmetric": True, "accuracy_level": None, "nodes_to_exclude": list(kept_float)},
@@ -341,7 +303,7 @@ ANCHORS: dict[str, Anchor] = {
 
 
 @dataclass
-class Row:
+class Row(ScoredRow):
     """One quantization: an onnxsmith grid with reorder OFF / ON (``reorder`` False / True) or an anchor
     (``reorder`` None, ``config`` the anchor's name). ``status`` ``ok``, ``n/a`` or ``error`` (``note`` says why).
 
@@ -356,10 +318,6 @@ class Row:
     config: str
     reorder: bool | None
     label: str
-    status: str = "ok"
-    note: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, float] = field(default_factory=dict)
     weight_scales: int | None = None
     stored_scales: int | None = None
     scales_vs_per_channel: float | None = None
@@ -367,35 +325,30 @@ class Row:
     weight_grid: str | None = None
     regions: dict[str, Any] | None = None
     excluded: list[str] = field(default_factory=list)
-    seconds: float | None = None
-    pass_seconds: dict[str, float] = field(default_factory=dict)
-    wall_seconds: float | None = None
 
 
 def run_quantization(row: Row, variant: Variant, data: ModelData, workdir: Path) -> None:
     """Quantize with ``variant`` into ``workdir``, score the model and count its stored scales into ``row``; then
-    delete the model. Never raises (``ptq4vit.run_variant`` makes a failure an ``error`` row)."""
+    delete the model. Never raises (``harness.run_variant`` makes a failure an ``error`` row)."""
     tag = f"{row.bits}-{row.config}" + ("" if row.reorder is None else f"-reorder-{'on' if row.reorder else 'off'}")
     print(f"  {row.model} {tag}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    rundir, output = workdir / f"run-{tag}", workdir / f"{tag}.onnx"
-    rundir.mkdir()
-    attempt = run_variant(variant, data, output, rundir)
-    row.settings, row.status, row.note = variant.settings, attempt.status, attempt.note
-    row.seconds, row.scores = attempt.seconds, attempt.scores
+    attempt, output = run_in_folder(variant, data, workdir, tag)
+    row.settings = variant.settings
+    row.take_attempt(attempt)
     if attempt.status == "ok":
         try:
             row.stored_scales = stored_weight_scales(output)
         except Exception as exc:  # noqa: BLE001 - a count that fails must not lose the row
             row.note = f"stored scales not counted: {exc}"
     output.unlink(missing_ok=True)
-    shutil.rmtree(rundir, ignore_errors=True)
     row.wall_seconds = time.perf_counter() - start
-    print(f"    {row.status} {row.scores} {row.seconds and round(row.seconds, 1)} s {row.note}", file=sys.stderr)
+    log_result(row)
 
 
 def fill_from_records(row: Row, records: Sequence[PassRecord]) -> None:
     """Copy ``ptq-qdq``'s and ``reorder-channels``' reports into ``row``."""
+    row.take_records(records, (QUANTIZE_PASS, REORDER_PASS))
     for record in records:
         if record.name == QUANTIZE_PASS:
             row.weight_scales = record.changes.get("weight_scales")
@@ -405,8 +358,6 @@ def fill_from_records(row: Row, records: Sequence[PassRecord]) -> None:
                             if d.get("kind") == "skipped" and "pattern" in str(d.get("reason", ""))]
         elif record.name == REORDER_PASS:
             row.regions = region_summary(record)
-        if record.name in (QUANTIZE_PASS, REORDER_PASS):
-            row.pass_seconds[record.name] = record.seconds
 
 
 def region_summary(record: PassRecord) -> dict[str, Any]:
@@ -429,12 +380,13 @@ def grid_row(data: ModelData, bits: Bits, grid: str, reorder: bool, settings: Se
     label = f"onnxsmith {recipe} {grid}"
     row = Row(data.spec.name, bits_label(bits), grid, reorder, label)
     activations = {"weight_only": True} if bits[1] == WEIGHT_ONLY else {"abits": bits[1]}
-    pass_options = {"wbits": bits[0], **activations, "weight_grid": grid, **settings.pass_options(kept_float)}
+    pass_options = {"wbits": bits[0], **activations, "weight_grid": grid, "ptq-qdq": settings.search_options(kept_float)}
     if reorder:
         pass_options["strategy"] = settings.strategy
-    records: list[PassRecord] = []
-    run_quantization(row, onnxsmith_variant(recipe, pass_options, records), data, workdir)
-    fill_from_records(row, records)
+    results: list[Any] = []
+    run_quantization(row, onnxsmith_variant(recipe, pass_options, results), data, workdir)
+    if results:
+        fill_from_records(row, results[0].records)
     return row
 
 
@@ -494,15 +446,11 @@ class BitsResult:
 
 
 @dataclass
-class ModelResult:
+class ModelResult(harness.ModelResult):
     """Everything measured on one model."""
 
-    model: str
     settings: dict[str, Any]
     kept_float: list[str]
-    calibration_feeds: int
-    evaluation_feeds: int
-    fp32_scores: dict[str, float]
     notes: list[str]
     results: list[BitsResult] = field(default_factory=list)
 
@@ -523,25 +471,22 @@ def run_bits(model: SweepModel, data: ModelData, bits: Bits, args: argparse.Name
     return BitsResult(bits_label(bits), rows, verdicts, sanity)
 
 
-def run_model(model: SweepModel, settings: Settings, args: argparse.Namespace, document: dict[str, Any],
+def run_model(model: SweepModel, settings: Settings, args: argparse.Namespace, report: Report,
               workdir: Path) -> ModelResult:
-    """The sweep on one model; the JSON at ``args.out`` is rewritten after every bit setting."""
-    name = model.spec.name
-    print(f"{name}: preparing data", file=sys.stderr, flush=True)
-    data = prepare(model, settings, workdir)
+    """The sweep on one model; the JSON is rewritten after every bit setting."""
+    data = prepare_model(model.spec, workdir, settings.calibration, settings.evaluation)
     kept_float = float_nodes(data.fp32, settings)
     notes = list(model.notes)
     if kept_float:
         notes.append(f"kept float in every row, onnxsmith's and onnxruntime's: {', '.join(kept_float)}")
     if settings.rounds == 0:
         notes.append("rounds=0: max-based weight and activation steps, no step search")
-    result = ModelResult(name, {**asdict(settings), "pass_options": settings.pass_options(kept_float)}, kept_float,
-                         len(data.calibration), len(data.evaluation), data.zoo.score(data.reference, data.reference),
-                         notes)
-    document["models"].append(result)
+    result = ModelResult.of(data, settings={**asdict(settings), "pass_options": settings.search_options(kept_float)},
+                            kept_float=kept_float, notes=notes)
+    report.document["models"].append(result)
     for bits in [parse_bits(text) for text in settings.bits] if settings.bits else args.bits:
         result.results.append(run_bits(model, data, bits, args, settings, kept_float, workdir))
-        write_json(args.out, as_json(document))
+        report.save()
     return result
 
 
@@ -589,12 +534,12 @@ def judge(model: SweepModel, rows: Sequence[Row]) -> tuple[list[str], list[str]]
             verdicts.append(f"{config}: not judged ({on.weight_scales} scales, not fewer than per-channel's "
                             f"{per_channel.weight_scales})")
             continue
-        reached = better_or_equal(on.scores[key], per_channel.scores[key], model.lower_is_better)
+        reached = better_or_equal(on.scores[key], per_channel.scores[key], model.spec.lower_is_better)
         off_text = f"; reorder OFF {off.scores[key]:.4f}" if off is not None else ""
         verdicts.append(
             f"{config} ({on.weight_scales} scales = {on.weight_scales / per_channel.weight_scales:.3f}x per-channel): "
             f"reorder ON {header} {on.scores[key]:.4f} vs per-channel {per_channel.scores[key]:.4f} "
-            f"({'lower' if model.lower_is_better else 'higher'} is better){off_text} -> "
+            f"({'lower' if model.spec.lower_is_better else 'higher'} is better){off_text} -> "
             f"{'shown' if reached else 'refuted'}")
     return verdicts, sanity
 
@@ -603,22 +548,10 @@ def judge(model: SweepModel, rows: Sequence[Row]) -> tuple[list[str], list[str]]
 # Output
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _count(value: int | None) -> str:
-    return "—" if value is None else str(value)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", r"\|")
-
-
 def _note(row: Row | None) -> str:
     if row is None:
         return ""
-    return row.note if row.status == "ok" else f"{row.status}: {row.note}"
+    return note_of(row.status, row.note)
 
 
 def sweep_table(model: SweepModel, rows: Sequence[Row]) -> str:
@@ -631,16 +564,16 @@ def sweep_table(model: SweepModel, rows: Sequence[Row]) -> str:
     for config in dict.fromkeys(row.config for row in rows if row.reorder is not None):
         off, on = by_key.get((config, False)), by_key.get((config, True))
         first = off or on
-        figures = [_fmt(side.scores.get(key) if side else None, 4) for key, _ in metrics for side in (off, on)]
+        figures = [fmt(side.scores.get(key) if side else None, 4) for key, _ in metrics for side in (off, on)]
         regions = on.regions if on and on.regions else None
         reordered = f"{regions['regions_reordered']}/{regions['regions']}" if regions else "—"
         notes = "; ".join(f"{side_name}: {_note(side)}" for side_name, side in (("off", off), ("on", on))
                           if _note(side))
         if on is not None and off is not None and on.weight_scales != off.weight_scales:
             notes = "; ".join(filter(None, [notes, f"on has {on.weight_scales} scales"]))
-        lines.append([config, _count(first.weight_scales), _fmt(first.scales_vs_per_channel, 3),
-                      _count(first.stored_scales), *figures, reordered, _fmt(off.seconds if off else None, 1),
-                      _fmt(on.seconds if on else None, 1), _cell(notes)])
+        lines.append([config, joined(first.weight_scales), fmt(first.scales_vs_per_channel, 3),
+                      joined(first.stored_scales), *figures, reordered, fmt(off.seconds if off else None, 1),
+                      fmt(on.seconds if on else None, 1), notes])
     return markdown_table(headers, lines)
 
 
@@ -648,20 +581,19 @@ def anchor_table(model: SweepModel, rows: Sequence[Row]) -> str:
     """The onnxruntime anchors of one bit setting."""
     metrics = model.spec.metrics
     headers = ["anchor", "scales", "×pc", "stored", *(h for _, h in metrics), "s", "notes"]
-    lines = [[row.label, _count(row.weight_scales), _fmt(row.scales_vs_per_channel, 3), _count(row.stored_scales),
-              *(_fmt(row.scores.get(key), 4) for key, _ in metrics), _fmt(row.seconds, 1), _cell(_note(row))]
+    lines = [[row.label, joined(row.weight_scales), fmt(row.scales_vs_per_channel, 3), joined(row.stored_scales),
+              *(fmt(row.scores.get(key), 4) for key, _ in metrics), fmt(row.seconds, 1), _note(row)]
              for row in rows if row.reorder is None]
     return markdown_table(headers, lines)
 
 
-def print_report(results: Sequence[ModelResult], seconds: float) -> None:
+def print_report(results: Sequence[ModelResult]) -> None:
     """Per model and bit setting: the sweep table, the anchor table, sanity and verdict lines."""
     for result in results:
         model = MODELS[result.model]
         settings = ", ".join(f"{key}={value}" for key, value in result.settings["pass_options"].items())
         for bits_result in result.results:
-            print(f"\n### {result.model} {bits_result.bits} ({result.calibration_feeds} calibration feeds, "
-                  f"{result.evaluation_feeds} evaluation feeds; {settings})\n")
+            print(result.heading(f" {bits_result.bits}", f"; {settings}"))
             for note in result.notes:
                 print(f"- {note}")
             print()
@@ -679,12 +611,6 @@ def print_report(results: Sequence[ModelResult], seconds: float) -> None:
     print("\n- scales: distinct weight steps (onnxsmith ptq-qdq's weight_scales; anchors: the file's scale values); "
           "×pc: over the per-channel row's; stored: scale values in the ONNX file; reordered: regions reordered / "
           "regions (reorder-channels); s: wall time of the quantization call")
-    print(f"- total run time {seconds:.0f} s")
-
-
-def as_json(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` with its :class:`ModelResult` entries as plain dictionaries."""
-    return {**document, "models": [asdict(result) for result in document["models"]]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,8 +658,7 @@ def apply_settings(parser: argparse.ArgumentParser, overrides: Sequence[str] | N
     return settings
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of: {', '.join(MODELS)}")
     parser.add_argument("--bits", default=",".join(DEFAULT_BITS),
                         help=f"comma-separated bit settings wNaM (default {','.join(DEFAULT_BITS)})")
@@ -747,13 +672,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-invariant", action="store_true",
                         help="no reorder-ON run for per-tensor and per-channel (equal to OFF by construction)")
     parser.add_argument("--skip-anchors", action="store_true", help="no onnxruntime anchors")
-    parser.add_argument("--out", "--json", dest="out", type=Path, default=DEFAULT_OUT, metavar="PATH",
-                        help="where to write the JSON")
-    args = parser.parse_args(argv)
-    args.models = args.models.split(",")
-    unknown = [name for name in args.models if name not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.models = parse_names(parser, args.models, list(MODELS), "models")
     try:
         args.bits = [parse_bits(text) for text in args.bits.split(",")]
         args.grids = ordered_grids([parse_grid(text) for text in args.grids.split(",")])
@@ -761,50 +683,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     args.settings = apply_settings(parser, args.set)
     args.reorder = [side == "on" for side in args.reorder.split(",")]
-    return args
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole sweep; prints the tables and returns the JSON document (also rewritten during the run)."""
-    import onnxsmith.optimizer.pipeline  # noqa: F401 - imported before any clock starts
-    from onnxsmith.optimizer.recipes import builtin_recipes
-
-    start = time.perf_counter()
-    missing = [recipe for recipe in RECIPES.values() if recipe not in builtin_recipes()]
-    document: dict[str, Any] = {
-        "benchmark": "ptqsl",
-        "environment": environment(),
-        "settings": {
-            "bits": [bits_label(bits) for bits in args.bits],
-            "grids": list(args.grids),
-            "recipes": {"reorder_off": RECIPES[False], "reorder_on": RECIPES[True]},
-            "missing_recipes": missing,
-            "reorder": ["on" if side else "off" for side in args.reorder],
-            "skip_invariant": args.skip_invariant,
-            "anchors": {} if args.skip_anchors else {name: ANCHORS[name].label for name in ANCHORS},
-        },
-        "models": [],
-        "complete": False,
+def run(args: argparse.Namespace, report: Report) -> None:
+    """The whole sweep; prints the tables and fills the JSON document (rewritten during the run)."""
+    report.document["settings"] = {
+        "bits": [bits_label(bits) for bits in args.bits],
+        "grids": list(args.grids),
+        "recipes": {"reorder_off": RECIPES[False], "reorder_on": RECIPES[True]},
+        "missing_recipes": missing_recipes(RECIPES.values()),
+        "reorder": ["on" if side else "off" for side in args.reorder],
+        "skip_invariant": args.skip_invariant,
+        "anchors": {} if args.skip_anchors else {name: ANCHORS[name].label for name in ANCHORS},
     }
-    if missing:
-        print(f"warning: recipe(s) {missing} not available in this onnxsmith: their rows will be errors",
-              file=sys.stderr)
-    for name in args.models:
-        with tempfile.TemporaryDirectory(prefix=f"ptqsl.{name}.") as tmp:
-            run_model(MODELS[name], args.settings[name], args, document, Path(tmp))
-    seconds = time.perf_counter() - start
-    print_report(document["models"], seconds)
-    document.update(total_seconds=seconds, complete=True)
-    return as_json(document)
+    report.document["models"] = []
+    run_models(report, args.models,
+               lambda name, workdir: run_model(MODELS[name], args.settings[name], args, report, workdir))
+    print_report(report.document["models"])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    document = run_benchmark(args)
-    write_json(args.out, document)
-    print(f"- JSON written to {args.out}")
-    return 0
-
+main = Benchmark("ptqsl", __doc__, run, add_arguments, check_arguments,
+                 quick={"models": "vit-digits", "bits": "w4a8", "grids": "per-channel,16x1", "skip_invariant": True}).main
 
 if __name__ == "__main__":
     sys.exit(main())

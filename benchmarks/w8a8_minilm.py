@@ -1,6 +1,7 @@
 """W8A8 on all-MiniLM-L6-v2: onnxruntime's quantizers against onnxsmith's ``w8a8`` recipe, on the same data.
 
-Usage: ``python benchmarks/w8a8_minilm.py [--methods a,b] [--skip-rss] [--calib-large N] [--json PATH]``
+Usage: ``python benchmarks/w8a8_minilm.py [--methods a,b] [--skip-rss] [--calib-large N] [--json PATH] [--quick]``
+(``--quick``: ``ort-dynamic`` and ``onnxsmith-minmax`` in this process, no large-calibration runs)
 
 Every method quantizes the cached FP32 zoo model (``zoo_model_path("minilm")``, copied into a temporary folder)
 with the 32 calibration sentences of ``MiniLM().calibration_feeds(32)``; ``--calib-large`` sentences (512 by
@@ -32,53 +33,43 @@ import importlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
+from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from _harness import (
+from harness import (
+    MINILM_LATENCY_BATCHES,
+    MINILM_LATENCY_ROUNDS,
+    MINILM_LATENCY_TOKENS,
+    Benchmark,
     Feed,
+    LatencyCase,
+    Report,
     cpu_session,
-    environment,
-    interleaved_latency_ms,
+    fmt,
+    interleaved_latency,
     load_feeds,
     markdown_table,
-    paired_ratios,
+    minilm_latency_feeds,
+    optimize_model,
+    ort_static_qdq,
+    padded_sentences,
+    parse_names,
     peak_rss_mib,
     run_child,
     save_feeds,
-    write_json,
 )
-
-if TYPE_CHECKING:
-    from onnxsmith.models.minilm import MiniLM
 
 CALIBRATION_COUNT = 32
 DEFAULT_LARGE_CALIBRATION_COUNT = 512
-LATENCY_TOKENS = 64
-LATENCY_BATCHES = (1, 32)
-LATENCY_ROUNDS = {1: 100, 32: 15}
-"""Interleaved timing rounds per batch size (each round runs every model once)."""
-SENTENCES_PER_LATENCY_ROW = 8
-"""Consecutive pydoc sentences joined per latency row: always more than 64 tokens, so no row is padded."""
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "w8a8_minilm.json"
 ONNXSMITH_CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 
 Quantizer = Callable[[Path, Path, list[Feed]], None]
@@ -102,23 +93,6 @@ class Method:
     imports: tuple[str, ...] = ()
 
 
-class _FeedReader(CalibrationDataReader):
-    """onnxruntime calibration reader over a list of feeds, in order."""
-
-    def __init__(self, feeds: list[Feed]) -> None:
-        self._feeds = feeds
-        self._next = 0
-
-    def get_next(self) -> Feed | None:
-        if self._next >= len(self._feeds):
-            return None
-        self._next += 1
-        return self._feeds[self._next - 1]
-
-    def rewind(self) -> None:
-        self._next = 0
-
-
 def ort_static(
     calibrate_method: CalibrationMethod, exclude_matmul_outputs: bool, pre_process: bool = False
 ) -> Quantizer:
@@ -127,25 +101,13 @@ def ort_static(
     ``exclude_matmul_outputs`` adds ``OpTypesToExcludeOutputQuantization=['MatMul']`` (no Q/DQ on MatMul
     outputs). ``pre_process`` first runs ``quant_pre_process(skip_symbolic_shape=True)`` into the working folder.
     """
-    extra_options = {"OpTypesToExcludeOutputQuantization": ["MatMul"]} if exclude_matmul_outputs else {}
-
     def quantize(model: Path, output: Path, feeds: list[Feed]) -> None:
         source = model
         if pre_process:
             source = Path.cwd() / "preprocessed.onnx"
             quant_pre_process(str(model), str(source), skip_symbolic_shape=True)
-        quantize_static(
-            str(source),
-            str(output),
-            _FeedReader(feeds),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=calibrate_method,
-            extra_options=extra_options,
-        )
+        ort_static_qdq(source, output, feeds, ["MatMul"], calibrate_method, QuantType.QInt8,
+                       exclude_matmul_outputs=exclude_matmul_outputs)
 
     return quantize
 
@@ -161,18 +123,7 @@ def onnxsmith_w8a8(calibrator: str) -> Quantizer:
     """onnxsmith's ``w8a8`` recipe with ``calibrator`` and uint8 activations, verification on."""
 
     def quantize(model: Path, output: Path, feeds: list[Feed]) -> None:
-        from onnxsmith.optimizer.pipeline import optimize_file
-
-        optimize_file(
-            str(model),
-            output,
-            recipe="w8a8",
-            calib=feeds,
-            pass_options={"calibrator": calibrator, "act_dtype": "uint8"},
-            verify=True,
-            evaluate_model=False,
-            progress=False,
-        )
+        optimize_model(model, output, "w8a8", feeds, {"calibrator": calibrator, "act_dtype": "uint8"}, verify=True)
 
     return quantize
 
@@ -315,32 +266,12 @@ def build_data(workdir: Path, large_count: int | None) -> BenchmarkData:
     padded_length: dict[int, int] = {}
     for count in counts:
         varlen = minilm.calibration_feeds(count)
-        padded_batch = minilm.encode(minilm.calibration_sentences(count))
-        padded = [{name: array[i : i + 1] for name, array in padded_batch.items()} for i in range(len(varlen))]
+        padded = padded_sentences(minilm, varlen)
         files[count] = {kind: workdir / f"calib-{count}-{kind}.npz" for kind in ("varlen", "padded")}
         save_feeds(files[count]["varlen"], varlen)
         save_feeds(files[count]["padded"], padded)
-        padded_length[count] = int(padded_batch["input_ids"].shape[1])
-    return BenchmarkData(files, padded_length, minilm.evaluation_feeds(), latency_feeds(minilm))
-
-
-def latency_feeds(minilm: MiniLM) -> dict[int, Feed]:
-    """One feed per batch size in ``LATENCY_BATCHES``: rows of exactly 64 tokens of pydoc prose, no padding.
-
-    Row ``i`` is sentences ``8i .. 8i+7`` of ``pydoc_sentences()`` joined and truncated to 64 tokens.
-    """
-    from onnxsmith.models.text_data import pydoc_sentences
-
-    sentences = pydoc_sentences()
-    rows = max(LATENCY_BATCHES)
-    texts = [" ".join(sentences[i * SENTENCES_PER_LATENCY_ROW : (i + 1) * SENTENCES_PER_LATENCY_ROW])
-             for i in range(rows)]
-    batch = minilm.tokenizer()(texts, padding="max_length", truncation=True, max_length=LATENCY_TOKENS,
-                               return_tensors="np")
-    feed = {name: np.asarray(batch[name], dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
-    if not feed["attention_mask"].all():
-        raise RuntimeError("a latency row is shorter than 64 tokens; join more sentences per row")
-    return {size: {name: array[:size] for name, array in feed.items()} for size in LATENCY_BATCHES}
+        padded_length[count] = int(padded[0]["input_ids"].shape[1])
+    return BenchmarkData(files, padded_length, minilm.evaluation_feeds(), minilm_latency_feeds(minilm))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,20 +341,16 @@ def measure_method(
 
 def measure_latency(models: dict[str, Path], data: BenchmarkData, results: dict[str, MethodResult]) -> dict:
     """Interleaved latency of every model per batch size; fills each result's ``latency_*``; returns FP32's."""
-    sessions = {name: cpu_session(path) for name, path in models.items()}
+    cases = {f"batch{size}x{MINILM_LATENCY_TOKENS}": LatencyCase(data.latency[size], MINILM_LATENCY_ROUNDS[size])
+             for size in MINILM_LATENCY_BATCHES}
     fp32: dict[str, float] = {}
-    for size in LATENCY_BATCHES:
-        key = f"batch{size}x{LATENCY_TOKENS}"
-        print(f"  latency {key}: {LATENCY_ROUNDS[size]} interleaved rounds", file=sys.stderr, flush=True)
-        times = interleaved_latency_ms(sessions, data.latency[size], LATENCY_ROUNDS[size])
-        fp32[key] = statistics.median(times["fp32"])
+    for key, timings in interleaved_latency(models, cases).items():
+        fp32[key] = timings["fp32"]["ms"]
         for name, result in results.items():
-            if name in times:
-                ratios = paired_ratios(times[name], times["fp32"])
-                result.latency_ms[key] = statistics.median(times[name])
-                result.latency_ratio[key] = statistics.median(ratios)
-                quartiles = statistics.quantiles(ratios, n=4)
-                result.latency_ratio_quartiles[key] = [quartiles[0], quartiles[2]]
+            if name in timings:
+                result.latency_ms[key] = timings[name]["ms"]
+                result.latency_ratio[key] = timings[name]["ratio"]
+                result.latency_ratio_quartiles[key] = timings[name]["ratio_quartiles"]
     return fp32
 
 
@@ -431,14 +358,10 @@ def measure_latency(models: dict[str, Path], data: BenchmarkData, results: dict[
 # Output
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def table(results: Sequence[MethodResult], large_count: int | None) -> str:
     """The markdown table: one row per method, fidelity, latency ratios and quantization cost."""
-    batch_keys = [f"batch{size}x{LATENCY_TOKENS}" for size in LATENCY_BATCHES]
-    headers = ["method", "cos mean", "cos min", *(f"latency ×FP32 b{size}" for size in LATENCY_BATCHES),
+    batch_keys = [f"batch{size}x{MINILM_LATENCY_TOKENS}" for size in MINILM_LATENCY_BATCHES]
+    headers = ["method", "cos mean", "cos min", *(f"latency ×FP32 b{size}" for size in MINILM_LATENCY_BATCHES),
                f"time s @{CALIBRATION_COUNT}", f"peak RSS MiB @{CALIBRATION_COUNT}"]
     if large_count:
         headers += [f"time s @{large_count}", f"peak RSS MiB @{large_count}", f"cos mean @{large_count}"]
@@ -448,12 +371,12 @@ def table(results: Sequence[MethodResult], large_count: int | None) -> str:
             rows.append([result.name, f"{result.status}: {result.note}", *[""] * (len(headers) - 2)])
             continue
         first = result.runs[0]
-        row = [result.name, _fmt(first.cosine_mean, 4), _fmt(first.cosine_min, 4),
-               *(_fmt(result.latency_ratio.get(key), 2) for key in batch_keys),
-               _fmt(first.seconds, 1), _fmt(first.peak_rss_mib, 0)]
+        row = [result.name, fmt(first.cosine_mean, 4), fmt(first.cosine_min, 4),
+               *(fmt(result.latency_ratio.get(key), 2) for key in batch_keys),
+               fmt(first.seconds, 1), fmt(first.peak_rss_mib, 0)]
         if large_count:
             large = next((run for run in result.runs if run.calibration_count == large_count), None)
-            row += ([_fmt(large.seconds, 1), _fmt(large.peak_rss_mib, 0), _fmt(large.cosine_mean, 4)]
+            row += ([fmt(large.seconds, 1), fmt(large.peak_rss_mib, 0), fmt(large.cosine_mean, 4)]
                     if large else ["—"] * 3)
         rows.append(row)
     return markdown_table(headers, rows)
@@ -477,30 +400,24 @@ def notes(data: BenchmarkData, fp32_latency: dict[str, float], results: Sequence
 # Main
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--skip-rss", action="store_true",
                         help="quantize in this process (no peak RSS) and skip the large-calibration runs")
     parser.add_argument("--calib-large", type=int, default=DEFAULT_LARGE_CALIBRATION_COUNT, metavar="N",
                         help="calibration sentences of the second run of 'large' methods (0 skips it)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH", help="where to write the JSON")
     for hidden in ("--child", "--model", "--output", "--feeds"):  # the measurement child's protocol
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    names = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    args.methods = names
-    return args
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole comparison; prints the table and returns the JSON document."""
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.methods = parse_names(parser, args.methods, list(METHODS), "methods")
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """The whole comparison; prints the table and fills the JSON document."""
     from onnxsmith.models.zoo import zoo_model_path
 
-    start = time.perf_counter()
     large_count = None if args.skip_rss or args.calib_large <= 0 else args.calib_large
     methods = [METHODS[name] for name in args.methods]
     counts = [CALIBRATION_COUNT] + ([large_count] if large_count else [])
@@ -520,38 +437,27 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 models[method.name] = kept
         fp32_latency = measure_latency(models, data, results)
         fp32_size = model.stat().st_size
-    seconds = time.perf_counter() - start
     print(table(list(results.values()), large_count))
     print()
     for line in notes(data, fp32_latency, list(results.values())):
         print(f"- {line}")
-    print(f"- total run time {seconds:.0f} s")
-    return {
-        "benchmark": "w8a8_minilm",
-        "environment": environment(),
+    report.document.update({
         "settings": {
             "calibration_counts": counts,
             "evaluation_sentences": len(data.evaluation),
             "ort_padded_calibration_length": data.padded_length,
-            "latency_tokens": LATENCY_TOKENS,
-            "latency_rounds": LATENCY_ROUNDS,
+            "latency_tokens": MINILM_LATENCY_TOKENS,
+            "latency_rounds": MINILM_LATENCY_ROUNDS,
             "quantized_in_child_processes": not args.skip_rss,
         },
         "fp32": {"latency_ms": fp32_latency, "size_bytes": fp32_size},
-        "methods": [asdict(result) for result in results.values()],
-        "total_seconds": seconds,
-    }
+        "methods": list(results.values()),
+    })
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        return child_main(args)
-    document = run_benchmark(args)
-    write_json(args.json, document)
-    print(f"- JSON written to {args.json}")
-    return 0
-
+main = Benchmark("w8a8_minilm", __doc__, run, add_arguments, check_arguments,
+                 quick={"methods": "ort-dynamic,onnxsmith-minmax", "skip_rss": True},
+                 child=lambda args: child_main(args) if args.child else None).main
 
 if __name__ == "__main__":
     sys.exit(main())

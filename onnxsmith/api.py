@@ -98,7 +98,10 @@ def optimize(
     verification probes. For a torch module without ``calibration`` the example inputs are the one feed (a warning
     says so when the recipe calibrates); for files and ModelProtos the CLI's rules apply (zoo data, else random
     inputs with a loud warning). ``evaluate`` defaults to on for zoo models, off otherwise. ``output`` is written
-    atomically; without it nothing is written. Bad input raises :class:`onnxsmith.core.errors.UserError`.
+    atomically; without it nothing is written. ``pass_options`` holds global aliases by name
+    (``{"act_dtype": "int8", "nm": (2, 4)}``, :mod:`onnxsmith.optimizer.aliases`) and per-pass tables of declared
+    options (``{"int8-qdq": {"percentile": 99.99}}``); see :meth:`onnxsmith.optimizer.recipes.Recipe.overrides`.
+    Bad input raises :class:`onnxsmith.core.errors.UserError`.
     """
     recipe_obj = load_recipe(recipe)  # an unknown recipe fails before any export
     torch_module = _is_torch_module(model)

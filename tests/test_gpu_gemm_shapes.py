@@ -12,9 +12,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs
-from onnxsmith.calibration.int4 import dequantize_blocks, int4_initializer, quantize_blocks, rtn_scales
-from onnxsmith.optimizer.pass_base import PassContext
-from onnxsmith.passes import Int4Weight, SparseGemmToConv
+from onnxsmith.calibration.int4 import dequantize_blocks, quantize_blocks, rtn_scales
+from onnxsmith.core.int4 import int4_initializer
+from onnxsmith.core.pass_base import PassContext
+from onnxsmith.passes.int4_weight import Int4Weight
+from onnxsmith.passes.sparse_conv import SparseGemmToConv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_gemm  # noqa: E402
@@ -152,7 +154,7 @@ def test_int4_blocked_along_n_has_no_int4pack_levels():
 def test_24_detected_along_k_and_not_along_n():
     w = RNG.standard_normal((64, 32)).astype(np.float32)
     along_k, along_n = prune_24(w, 0), prune_24(w, 1)
-    from onnxsmith.calibration.sparsity import satisfies_nm
+    from onnxsmith.core.sparsity import satisfies_nm
 
     assert not satisfies_nm(along_n, 2, 4, 0)  # the N-pruned weight really is dense along K
     assert only(gpu_gemm.gemm_weights(matmul_model(along_k))).sparse24

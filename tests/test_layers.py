@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import onnxsmith
 
 ROOT = Path(onnxsmith.__file__).parent
@@ -94,20 +96,19 @@ def test_imports_follow_the_layer_rule():
     assert violations() == []
 
 
-def test_the_walk_sees_a_broken_rule():
-    broken = ROOT / "core" / "_layer_probe.py"
-    broken.write_text("def f():\n    from onnxsmith.passes.qdq_int8 import QuantizeInt8\n")
+@pytest.mark.parametrize("folder, source, expected", [
+    ("core", "def f():\n    from onnxsmith.passes.qdq_int8 import QuantizeInt8\n",
+     "onnxsmith.core._layer_probe (core) imports onnxsmith.passes.qdq_int8 (passes)"),
+    ("passes", "from onnxsmith.passes import prune_nm\n",
+     "pass onnxsmith.passes._layer_probe imports another pass (onnxsmith.passes.prune_nm)"),
+    ("analysis", "from onnxsmith.models.zoo import zoo_names\n",
+     "onnxsmith.analysis._layer_probe imports the zoo (onnxsmith.models.zoo); only " + str(sorted(FACE)) + " may"),
+])
+def test_the_walk_catches_a_broken_rule(folder, source, expected):
+    probe = ROOT / folder / "_layer_probe.py"
+    probe.write_text(source)
     try:
-        assert violations() == ["onnxsmith.core._layer_probe (core) imports onnxsmith.passes.qdq_int8 (passes)"]
-    finally:
-        broken.unlink()
-
-
-def test_a_pass_importing_another_pass_is_caught():
-    probe = ROOT / "passes" / "_layer_probe.py"
-    probe.write_text("from onnxsmith.passes import prune_nm\n")
-    try:
-        assert violations() == ["pass onnxsmith.passes._layer_probe imports another pass (onnxsmith.passes.prune_nm)"]
+        assert violations() == [expected]
     finally:
         probe.unlink()
 
