@@ -11,7 +11,6 @@ Packing into ONNX's INT4 tensor type is :mod:`onnxsmith.core.int4`; GPTQ roundin
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from numpy.typing import ArrayLike
 
 from onnxsmith.calibration.blocks import BlockGrid

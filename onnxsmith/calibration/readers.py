@@ -11,12 +11,10 @@ import logging
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnxsmith.core.errors import UserError
 from onnxsmith.core.feeds import Feed, InputSpec, input_specs

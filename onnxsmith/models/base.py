@@ -9,7 +9,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-import numpy as np
 
 from onnxsmith.core.feeds import Feed, Outputs
 

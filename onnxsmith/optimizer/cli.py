@@ -285,7 +285,6 @@ def _alias_type(alias: Alias, spec: OptionSpec):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    convert.__name__ = spec.kind
     return convert
 
 
@@ -303,6 +302,7 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
     """The aliases the user gave, by name, and the ``--set`` values as per-pass tables."""
     options: dict[str, object] = {alias.name: getattr(args, alias.name) for alias in ALIASES
                                   if getattr(args, alias.name) is not None}
+    tables: dict[str, dict[str, object]] = {}
     for text in args.set_options:
         target, equals, value = text.partition("=")
         pass_name, dot, option_name = target.partition(".")
@@ -315,10 +315,8 @@ def _pass_options(args: argparse.Namespace) -> dict[str, object]:
             parsed = spec.validate(spec.parse(value))
         except OptionError as exc:
             raise UserError(f"--set {text!r}: pass {pass_name!r}: {exc}") from None
-        table = options.setdefault(pass_name, {})
-        assert isinstance(table, dict)
-        table[option_name] = parsed
-    return options
+        tables.setdefault(pass_name, {})[option_name] = parsed
+    return {**options, **tables}
 
 
 def _zoo_line(name: str) -> str:

@@ -29,6 +29,7 @@ detail names the option used and its kept fraction before and after. Folding nee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
